@@ -1,0 +1,87 @@
+"""Shared fixtures: one tiny regularized model trained once per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from trueloss_replay import ReplayCheckpoint  # noqa: E402
+
+EPOCHS = 3
+
+
+def make_data(n=240, features=8, classes=3, seed=0):
+    """A small, learnable classification problem (float32 x, int32 labels)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, features)).astype("float32")
+    w = rng.normal(size=(features, classes))
+    y = np.argmax(x @ w + 0.5 * rng.normal(size=(n, classes)), axis=1).astype("int32")
+    return x, y
+
+
+def build_model(features=8, classes=3, l2=1e-2, dropout=0.5, seed=0):
+    """Dense + L2, BatchNorm, Dropout, softmax: every cause of the reported-loss gap."""
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [
+            keras.Input((features,)),
+            keras.layers.Dense(16, activation="relu", kernel_regularizer=keras.regularizers.L2(l2)),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dropout(dropout),
+            keras.layers.Dense(classes, activation="softmax"),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.01),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
+@dataclass
+class TrainedRun:
+    path: Path
+    history: keras.callbacks.History
+    weights: dict[int, list[np.ndarray]]  # completed epochs -> model.get_weights()
+    model: keras.Model
+    train: tuple[np.ndarray, np.ndarray]
+    val: tuple[np.ndarray, np.ndarray]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> TrainedRun:
+    """A finished run folder of build_model(), read-only for the tests that share it."""
+    x, y = make_data()
+    train, val = (x[:180], y[:180]), (x[180:], y[180:])
+    model = build_model()
+    path = tmp_path_factory.mktemp("shared") / "run"
+    weights = {0: model.get_weights()}
+    record = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: weights.__setitem__(epoch + 1, model.get_weights())
+    )
+    history = model.fit(
+        *train,
+        validation_data=val,
+        epochs=EPOCHS,
+        batch_size=32,
+        verbose=0,
+        callbacks=[ReplayCheckpoint(path, train_data=train, val_data=val), record],
+    )
+    return TrainedRun(path, history, weights, model, train, val)
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path) -> Path:
+    """A private copy of the shared run folder, for tests that change it."""
+    target = tmp_path / "run"
+    shutil.copytree(trained_run.path, target)
+    return target

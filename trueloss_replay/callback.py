@@ -1,0 +1,450 @@
+"""``ReplayCheckpoint``: store the weights of every epoch, off the training path.
+
+The training thread only copies the weights to host memory (a few milliseconds even for
+large models) and puts the copy on a small bounded queue; a background thread writes the
+HDF5 file and rewrites the manifest. The queue bound keeps memory bounded: when the disk is
+slower than training, ``fit`` waits rather than piling up copies.
+
+Keras calls no callback when ``fit`` raises, so a run that ends in an exception is marked
+``failed`` by an ``atexit`` hook (or when the same callback starts another ``fit``). A run
+killed outright stays ``running``; its checkpoints are complete all the same.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import queue
+import threading
+import time
+import warnings
+import weakref
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from trueloss_replay import run as runfmt
+from trueloss_replay.data import as_arrays, save_arrays, validate_reference
+from trueloss_replay.errors import RunExistsError, RunFormatError, RunWriteError
+
+_STOP = object()
+
+
+class ReplayCheckpoint(keras.callbacks.Callback):
+    """Stores the model's weights at every epoch for a later true-loss replay.
+
+    Writes the run folder of ``shared/DESIGN.md``: ``manifest.json``, ``model.keras`` and
+    ``checkpoints/eNNNN.h5``, each atomically, from a background thread.
+
+    Args:
+        run_dir: the run folder; created if missing.
+        save_freq: ``"epoch"`` (default) or an int N: also store the weights every N global
+            steps (``eNNNN-sSSSSSS.h5``). End-of-epoch checkpoints are always written, since
+            the true-loss History has one entry per epoch.
+        save_initial: store the weights before training as ``e0000.h5``.
+        keep: None keeps every checkpoint; an int N keeps only the newest N (plus those
+            ``keep_every`` protects). Pruning runs in the background writer.
+        keep_every: with ``keep``, also keep every k-th epoch's checkpoint for good.
+        data: a ``"module:function"`` reference returning the un-augmented training and
+            validation data, recorded in the manifest for replay.
+        train_data: ``(x, y[, sample_weight])`` arrays, snapshotted once to ``data/train.h5``.
+        val_data: the same for validation, ``data/val.h5``.
+        overwrite: replace a run folder that holds another run. Without it a different
+            run in the folder is an error; ``fit(..., initial_epoch=k)`` on the same model
+            appends to it.
+        on_error: ``"warn"`` (default) warns about a failed write and trains on; ``"raise"``
+            stops training with ``RunWriteError`` at the next epoch end.
+        max_pending: how many weight copies may wait for the writer (memory bound).
+        save_model: save the architecture to ``model.keras`` (once, at the start).
+
+    Raises:
+        RunWriteError: ``run_dir`` cannot be created or written.
+        DataError: ``data``, ``train_data`` or ``val_data`` is malformed.
+        ValueError: another argument is out of range.
+
+    Example:
+        >>> model.fit(x, y, validation_data=(xv, yv), epochs=20,
+        ...           callbacks=[ReplayCheckpoint("runs/exp1", train_data=(x, y),
+        ...                                       val_data=(xv, yv))])
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        *,
+        save_freq: str | int = "epoch",
+        save_initial: bool = True,
+        keep: int | None = None,
+        keep_every: int | None = None,
+        data: str | None = None,
+        train_data: Any = None,
+        val_data: Any = None,
+        overwrite: bool = False,
+        on_error: str = "warn",
+        max_pending: int = 2,
+        save_model: bool = True,
+    ):
+        super().__init__()
+        if save_freq != "epoch" and not (isinstance(save_freq, int) and save_freq > 0):
+            raise ValueError(
+                f"save_freq must be 'epoch' or a positive int. Received: {save_freq!r}"
+            )
+        for name, value in (("keep", keep), ("keep_every", keep_every)):
+            if value is not None and not (isinstance(value, int) and value > 0):
+                raise ValueError(f"{name} must be None or a positive int. Received: {value!r}")
+        if keep_every is not None and keep is None:
+            raise ValueError("keep_every only matters with keep=N; pass keep as well.")
+        if on_error not in ("warn", "raise"):
+            raise ValueError(f"on_error must be 'warn' or 'raise'. Received: {on_error!r}")
+        if not (isinstance(max_pending, int) and max_pending > 0):
+            raise ValueError(f"max_pending must be a positive int. Received: {max_pending!r}")
+        self.run_dir = Path(run_dir)
+        self.save_freq = save_freq
+        self.save_initial = save_initial
+        self.keep = keep
+        self.keep_every = keep_every
+        self.data = None if data is None else validate_reference(data)
+        self.splits = {
+            name: as_arrays(value, f"{name}_data")
+            for name, value in (("train", train_data), ("val", val_data))
+            if value is not None
+        }
+        self.overwrite = overwrite
+        self.on_error = on_error
+        self.max_pending = max_pending
+        self.save_model = save_model
+        _check_writable(self.run_dir)
+
+        self._lock = threading.Lock()
+        self._queue: queue.Queue | None = None
+        self._writer: threading.Thread | None = None
+        self._errors: list[str] = []
+        self._manifest: dict[str, Any] = {}
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._started = False
+        self._running = False
+        self._active = True
+        self._step = 0
+        self._epoch_start_step = 0
+        self._epoch = 0
+        atexit.register(_mark_failed_at_exit, weakref.ref(self))
+
+    # ------------------------------------------------------------------ Keras hooks
+
+    def on_train_begin(self, logs=None):
+        if self._running:
+            # The previous fit() raised: Keras never called on_train_end.
+            self._finish("failed")
+        self._active = _is_chief(self.model)
+        self._started = False
+        self._errors = []
+        iterations = getattr(getattr(self.model, "optimizer", None), "iterations", None)
+        self._step = int(np.asarray(iterations)) if iterations is not None else 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if not self._active:
+            return
+        if not self._started:
+            self._start(initial_epoch=epoch)
+        self._epoch = epoch
+        self._epoch_start_step = self._step
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self._active:
+            return
+        step = self._epoch_start_step + batch + 1
+        last_of_epoch = (self.params or {}).get("steps") == batch + 1  # on_epoch_end saves it
+        due = self.save_freq != "epoch" and step // self.save_freq > self._step // self.save_freq
+        if due and not last_of_epoch:
+            self._snapshot(self._epoch, step, logs, within_epoch=True)
+        self._step = step
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self._active:
+            return
+        self._snapshot(epoch + 1, self._step, logs)
+        self._raise_pending()
+
+    def on_train_end(self, logs=None):
+        if not self._active or not self._running:
+            return
+        self._finish("finished")
+        self._raise_pending()
+
+    # ------------------------------------------------------------------ start and finish
+
+    def _start(self, initial_epoch: int) -> None:
+        signature = runfmt.model_signature(self.model)
+        manifest_path = self.run_dir / runfmt.MANIFEST
+        existing = None
+        if manifest_path.exists():
+            existing = self._existing_run(signature, initial_epoch)
+        if existing is None:
+            if manifest_path.exists():  # overwrite=True: never touch a folder that is not a run
+                self._clear_previous()
+            self._entries = {}
+        else:
+            self._entries = {
+                c.name: c.manifest_entry()
+                for c in runfmt.list_checkpoints(self.run_dir / runfmt.CHECKPOINT_DIR)
+                if c.error is None
+            }
+        (self.run_dir / runfmt.CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+
+        model_rel = existing.get("model") if existing else None
+        if self.save_model and model_rel is None:
+            model_rel = self._save_model()
+        data_files = dict(existing.get("data_files", {})) if existing else {}
+        self._manifest = {
+            "format": runfmt.RUN_FORMAT,
+            "version": runfmt.FORMAT_VERSION,
+            "created": existing.get("created") if existing else time.time(),
+            "keras_version": keras.__version__,
+            "tensorflow_version": _tf_version(),
+            "backend": keras.backend.backend(),
+            "model": model_rel,
+            "model_class": type(self.model).__name__,
+            "compile": _compile_config(self.model),
+            "data": self.data if self.data is not None else (existing or {}).get("data"),
+            "data_files": data_files,
+            "params": dict(self.params or {}),
+            "steps_per_epoch": (self.params or {}).get("steps"),
+            "save_freq": self.save_freq,
+            "variables": signature,
+            "status": "running",
+            "checkpoints": [],
+        }
+        self._write_manifest()
+        self._queue = queue.Queue(maxsize=self.max_pending)
+        self._writer = threading.Thread(
+            target=self._write_loop, name="trueloss-replay-writer", daemon=True
+        )
+        self._writer.start()
+        self._started = self._running = True
+        for split, arrays in self.splits.items():
+            rel = f"{runfmt.DATA_DIR}/{split}.h5"
+            self._queue.put(("data", rel, arrays))
+        if self.save_initial and initial_epoch == 0:
+            self._snapshot(0, self._step, {})
+
+    def _existing_run(self, signature, initial_epoch: int) -> dict[str, Any] | None:
+        """The manifest of the run to append to, or None to start afresh."""
+        try:
+            manifest = runfmt.read_manifest(self.run_dir)
+        except RunFormatError as e:
+            if self.overwrite:
+                return None
+            raise RunExistsError(
+                f"{e} Pass overwrite=True to replace it, or choose another run folder."
+            ) from e
+        if self.overwrite:
+            return None
+        if manifest.get("variables") != signature:
+            raise RunExistsError(
+                f"run folder {self.run_dir} holds a run of a different model (its variables "
+                "differ from this model's). Pass overwrite=True to replace it, or choose "
+                "another run folder."
+            )
+        checkpoints = runfmt.list_checkpoints(self.run_dir / runfmt.CHECKPOINT_DIR)
+        last = max((c.epoch for c in checkpoints), default=0)
+        if initial_epoch == 0 and last > 0:
+            raise RunExistsError(
+                f"run folder {self.run_dir} already holds a run with checkpoints up to epoch "
+                f"{last}. To continue it, pass initial_epoch={last} to fit(); to replace it, "
+                "pass overwrite=True; or choose another run folder."
+            )
+        stale = [
+            c
+            for c in checkpoints
+            if c.epoch > initial_epoch or (c.epoch == initial_epoch and not c.is_epoch_end)
+        ]
+        if stale:
+            warnings.warn(
+                f"trueloss-replay: fit() resumes at epoch {initial_epoch}; removing "
+                f"{len(stale)} later checkpoint(s) of {self.run_dir} that this run replaces.",
+                stacklevel=3,
+            )
+            for c in stale:
+                runfmt.remove_path(c.path)
+        return manifest
+
+    def _clear_previous(self) -> None:
+        for rel in (
+            runfmt.CHECKPOINT_DIR,
+            runfmt.REPLAY_DIR,
+            runfmt.DATA_DIR,
+            runfmt.MODEL_FILE,
+            runfmt.MANIFEST,
+        ):
+            runfmt.remove_path(self.run_dir / rel)
+
+    def _save_model(self) -> str | None:
+        target = self.run_dir / runfmt.MODEL_FILE
+        try:
+            with runfmt.atomic_path(target) as tmp:
+                self.model.save(tmp)
+        except OSError as e:
+            raise RunWriteError(
+                f"could not write {target}: {e}. Check the disk and the folder."
+            ) from e
+        except Exception as e:  # noqa: BLE001 - any serialization failure means "no architecture"
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            warnings.warn(
+                f"trueloss-replay: the architecture of {type(self.model).__name__} cannot be "
+                f"saved to {target} ({type(e).__name__}: {first_line[:200]}). Checkpoints are "
+                "still written; replay will need a model builder: trueloss-replay replay "
+                "--model MODULE:FUNCTION.",
+                stacklevel=3,
+            )
+            return None
+        return runfmt.MODEL_FILE
+
+    def _finish(self, status: str) -> None:
+        if self._writer is not None and self._queue is not None:
+            self._queue.put(_STOP)
+            self._writer.join()
+        self._writer = self._queue = None
+        self._running = False
+        with self._lock:
+            self._manifest["status"] = status
+            self._manifest["finished"] = time.time()
+        try:
+            self._write_manifest()
+        except RunWriteError as e:
+            self._report(str(e))
+
+    # ------------------------------------------------------------------ snapshot and write
+
+    def _snapshot(self, epoch: int, step: int, logs, within_epoch: bool = False) -> None:
+        # The only work on the training thread: one host copy of each weight.
+        weights = [
+            (key, np.array(v, copy=True))
+            for key, v in zip(runfmt.weight_keys(self.model), self.model.weights, strict=True)
+        ]
+        name = runfmt.checkpoint_name(epoch, step if within_epoch else None)
+        meta = {"epoch": epoch, "step": step, "time": time.time(), "logs": runfmt.to_jsonable(logs)}
+        self._queue.put(("checkpoint", name, weights, meta))
+
+    def _write_loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is _STOP:
+                return
+            try:
+                if job[0] == "checkpoint":
+                    self._write_checkpoint(*job[1:])
+                else:
+                    self._write_data(*job[1:])
+            except Exception as e:  # noqa: BLE001 - reported to the training thread
+                self._report(str(e) if isinstance(e, RunWriteError) else f"{type(e).__name__}: {e}")
+
+    def _write_checkpoint(self, name, weights, meta) -> None:
+        runfmt.write_checkpoint(self.run_dir / runfmt.CHECKPOINT_DIR / name, weights, **meta)
+        with self._lock:
+            self._entries[name] = {"name": name, **meta}
+            self._prune()
+        self._write_manifest()
+
+    def _write_data(self, rel, arrays) -> None:
+        target = self.run_dir / rel
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            save_arrays(target, arrays)
+        except OSError as e:
+            raise RunWriteError(f"could not write data snapshot {target}: {e}.") from e
+        with self._lock:
+            self._manifest["data_files"][Path(rel).stem] = rel
+        self._write_manifest()
+
+    def _prune(self) -> None:
+        if self.keep is None:
+            return
+        names = sorted(self._entries, key=lambda n: (self._entries[n]["step"], n))
+        protected = {
+            n
+            for n in names
+            if self.keep_every
+            and "-s" not in n
+            and self._entries[n]["epoch"] % self.keep_every == 0
+        }
+        doomed = [n for n in names[: max(len(names) - self.keep, 0)] if n not in protected]
+        for name in doomed:
+            runfmt.remove_path(self.run_dir / runfmt.CHECKPOINT_DIR / name)
+            del self._entries[name]
+
+    def _write_manifest(self) -> None:
+        with self._lock:
+            self._manifest["checkpoints"] = sorted(
+                self._entries.values(), key=lambda e: (e["step"], e["name"])
+            )
+            path = self.run_dir / runfmt.MANIFEST
+            try:
+                runfmt.atomic_write_json(path, self._manifest)
+            except OSError as e:
+                raise RunWriteError(
+                    f"could not write {path}: {e.strerror or e}. Check that the folder is "
+                    "writable and the disk has space."
+                ) from e
+
+    def _report(self, message: str) -> None:
+        with self._lock:
+            self._errors.append(message)
+        if self.on_error == "warn":
+            warnings.warn(f"trueloss-replay: {message} Training continues.", stacklevel=2)
+
+    def _raise_pending(self) -> None:
+        if self.on_error == "raise" and self._errors:
+            message = self._errors[0]
+            if self._running:
+                self._finish("failed")
+            raise RunWriteError(message)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RunWriteError(
+            f"run folder {run_dir} cannot be written ({e.strerror or e}). Choose a writable "
+            "folder for ReplayCheckpoint."
+        ) from e
+    if (run_dir / runfmt.MANIFEST).is_dir():
+        raise RunWriteError(f"{run_dir / runfmt.MANIFEST} is a folder; choose another run folder.")
+
+
+def _mark_failed_at_exit(ref) -> None:
+    callback = ref()
+    if callback is not None and callback._running:
+        callback._finish("failed")
+
+
+def _is_chief(model) -> bool:
+    """False on the non-chief workers of a multi-worker strategy: only the chief writes."""
+    strategy = getattr(model, "distribute_strategy", None)
+    if strategy is None:
+        return True
+    extended = getattr(strategy, "extended", None)
+    return bool(getattr(extended, "should_checkpoint", True))
+
+
+def _compile_config(model) -> dict[str, Any] | None:
+    try:
+        return model.get_compile_config()
+    except Exception:  # noqa: BLE001 - an uncompiled or unserializable config is just absent
+        return None
+
+
+def _tf_version() -> str | None:
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return None
+    return tf.__version__

@@ -1,0 +1,33 @@
+"""The few exception types the library raises.
+
+Each one also inherits the matching built-in, so ``except ValueError`` in user code keeps
+working. Only ``cli.py`` turns them into Click exceptions.
+"""
+
+
+class TruelossReplayError(Exception):
+    """Base class of every error raised by trueloss-replay."""
+
+
+class RunFormatError(TruelossReplayError, ValueError):
+    """A run folder, manifest or checkpoint is missing, unreadable or of an unknown format."""
+
+
+class CheckpointMismatchError(RunFormatError):
+    """A checkpoint's variables do not match the model it is loaded into."""
+
+
+class RunExistsError(TruelossReplayError, FileExistsError):
+    """The run folder already holds a different run."""
+
+
+class RunWriteError(TruelossReplayError, OSError):
+    """A file of the run folder could not be written."""
+
+
+class DataError(TruelossReplayError, ValueError):
+    """A data source is missing, malformed, or does not fit the model."""
+
+
+class ModelLoadError(TruelossReplayError, ValueError):
+    """The model could not be rebuilt from the run folder."""

@@ -1,0 +1,506 @@
+"""The run folder: paths, manifest, atomic writes, checkpoint files, weight loading.
+
+Format version 1, as ``shared/DESIGN.md`` specifies it. The checkpoint files in
+``checkpoints/`` are the source of truth for which checkpoints exist; the manifest carries the
+run's metadata and a copy of the checkpoint list for people and tools that read JSON only.
+That way a training process killed between writing a checkpoint and rewriting the manifest
+loses nothing: the checkpoint is listed all the same.
+
+Every file is written to a hidden temporary name in its final folder, flushed, fsynced and
+``os.replace``d into place, so a reader sees either the old file or the new one, never a
+half-written one, even after ``kill -9``. Readers only list final names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from trueloss_replay.errors import CheckpointMismatchError, RunFormatError, RunWriteError
+
+RUN_FORMAT = "trueloss-replay/run"
+CHECKPOINT_FORMAT = "trueloss-replay/checkpoint"
+FORMAT_VERSION = 1
+
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.keras"
+CHECKPOINT_DIR = "checkpoints"
+DATA_DIR = "data"
+REPLAY_DIR = "replay"
+RESULTS_DIR = "replay/results"
+
+_CHECKPOINT_RE = re.compile(r"^e(\d{4,})(?:-s(\d{6,}))?\.h5$")
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable; not every platform lets a folder be opened.
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flushes a closed file's data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary path beside ``path``; on success, fsyncs it and renames it into place.
+
+    The caller writes and closes the temporary file inside the block. On an exception the
+    temporary file is removed and ``path`` is left as it was.
+
+    Example:
+        >>> with atomic_path("run/manifest.json") as tmp:
+        ...     tmp.write_text("{}")
+    """
+    path = Path(path)
+    # A hidden name that keeps the suffix: Keras insists that a model file ends in .keras.
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp{path.suffix}")
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Writes ``obj`` as indented JSON to ``path`` atomically."""
+    text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=True, default=_json_default)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text + "\n", encoding="utf-8")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def to_jsonable(logs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Turns a Keras ``logs`` dict (numpy or tensor values) into plain floats."""
+    out = {}
+    for key, value in (logs or {}).items():
+        try:
+            out[str(key)] = float(np.asarray(value))
+        except (TypeError, ValueError):
+            out[str(key)] = str(value)
+    return out
+
+
+# --------------------------------------------------------------------------- names
+
+
+def checkpoint_name(epoch: int, step: int | None = None) -> str:
+    """The file name of a checkpoint: ``e0003.h5``, or ``e0003-s000450.h5`` within an epoch.
+
+    Args:
+        epoch: completed epochs when the weights were taken.
+        step: the global optimizer step, for a checkpoint taken within an epoch.
+
+    Returns:
+        The file name, without folder.
+
+    Example:
+        >>> checkpoint_name(3), checkpoint_name(3, 450)
+        ('e0003.h5', 'e0003-s000450.h5')
+    """
+    return f"e{epoch:04d}.h5" if step is None else f"e{epoch:04d}-s{step:06d}.h5"
+
+
+def parse_checkpoint_name(name: str) -> tuple[int, int | None] | None:
+    """``(epoch, step or None)`` for a checkpoint file name, or None for any other name."""
+    match = _CHECKPOINT_RE.match(name)
+    if match is None:
+        return None
+    return int(match.group(1)), None if match.group(2) is None else int(match.group(2))
+
+
+def weight_keys(model) -> list[str]:
+    """The name each of ``model.weights`` has in a checkpoint: its ``variable.path``.
+
+    Keras 3 paths are unique in practice; should two variables share one, the later ones get
+    ``__2``, ``__3`` ... so that no weight is silently dropped.
+    """
+    keys, seen = [], {}
+    for variable in model.weights:
+        path = variable.path
+        seen[path] = seen.get(path, 0) + 1
+        keys.append(path if seen[path] == 1 else f"{path}__{seen[path]}")
+    return keys
+
+
+def model_signature(model) -> list[list[Any]]:
+    """``[[key, shape, dtype], ...]`` for the model's weights: what identifies "the same model"."""
+    return [
+        [key, [int(d) for d in v.shape], str(v.dtype)]
+        for key, v in zip(weight_keys(model), model.weights, strict=True)
+    ]
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint file of a run.
+
+    Attributes:
+        name: file name, e.g. ``e0003.h5``.
+        path: full path.
+        epoch: completed epochs when the weights were taken.
+        step: global optimizer step (None when the file could not be read).
+        time: Unix seconds when the weights were taken.
+        logs: what Keras logged for that epoch (or batch, within an epoch).
+        error: why the file cannot be used, or None when it is readable.
+    """
+
+    name: str
+    path: Path
+    epoch: int
+    step: int | None = None
+    time: float | None = None
+    logs: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def is_epoch_end(self) -> bool:
+        """True for ``eNNNN.h5``, False for a checkpoint taken within an epoch."""
+        return "-s" not in self.name
+
+    def sort_key(self) -> tuple[int, int, int]:
+        parsed = parse_checkpoint_name(self.name)
+        sub_step = parsed[1] if parsed and parsed[1] is not None else -1
+        return (self.epoch, 0 if self.is_epoch_end else 1, sub_step)
+
+    def manifest_entry(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "epoch": self.epoch,
+            "step": self.step,
+            "time": self.time,
+            "logs": self.logs,
+        }
+
+
+def write_checkpoint(
+    path: str | os.PathLike,
+    weights: Sequence[tuple[str, np.ndarray]],
+    *,
+    epoch: int,
+    step: int,
+    time: float,
+    logs: Mapping[str, Any] | None = None,
+) -> None:
+    """Writes one checkpoint file atomically.
+
+    Args:
+        path: the final path, e.g. ``RUN/checkpoints/e0003.h5``.
+        weights: ``(key, array)`` pairs; each key becomes the dataset ``weights/<key>``.
+        epoch: completed epochs.
+        step: global optimizer step.
+        time: Unix seconds when the weights were taken.
+        logs: what Keras logged; stored as a JSON string.
+
+    Raises:
+        RunWriteError: the file could not be written (nothing partial is left behind).
+    """
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            with h5py.File(tmp, "w") as f:
+                f.attrs["format"] = CHECKPOINT_FORMAT
+                f.attrs["version"] = FORMAT_VERSION
+                f.attrs["epoch"] = int(epoch)
+                f.attrs["step"] = int(step)
+                f.attrs["time"] = float(time)
+                f.attrs["logs"] = json.dumps(to_jsonable(logs))
+                group = f.create_group("weights")
+                for key, array in weights:
+                    group.create_dataset(key, data=array)
+    except OSError as e:
+        raise RunWriteError(
+            f"could not write checkpoint {path}: {e.strerror or e}. "
+            "Check that the folder is writable and the disk has space."
+        ) from e
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Reads a checkpoint's attributes (not its weights) and checks its format.
+
+    Raises:
+        RunFormatError: the file is unreadable, not a trueloss-replay checkpoint, or of a
+            newer format version.
+    """
+    path = Path(path)
+    parsed = parse_checkpoint_name(path.name)
+    epoch = parsed[0] if parsed else -1
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = dict(f.attrs)
+            if attrs.get("format") != CHECKPOINT_FORMAT:
+                raise RunFormatError(
+                    f"checkpoint {path} is not a trueloss-replay checkpoint "
+                    f"(format attribute {attrs.get('format')!r}). Remove it from checkpoints/."
+                )
+            if int(attrs.get("version", -1)) > FORMAT_VERSION:
+                raise RunFormatError(
+                    f"checkpoint {path} has format version {attrs.get('version')}; this "
+                    f"trueloss-replay reads up to {FORMAT_VERSION}. Upgrade trueloss-replay."
+                )
+            if "weights" not in f:
+                raise RunFormatError(f"checkpoint {path} has no 'weights' group; it is damaged.")
+            return Checkpoint(
+                name=path.name,
+                path=path,
+                epoch=int(attrs.get("epoch", epoch)),
+                step=int(attrs["step"]),
+                time=float(attrs["time"]),
+                logs=json.loads(attrs.get("logs", "{}")),
+            )
+    except RunFormatError:
+        raise
+    except (OSError, KeyError, ValueError) as e:
+        raise RunFormatError(
+            f"checkpoint {path} cannot be read ({e}). It is damaged; delete it or replay "
+            "the others with --epochs."
+        ) from e
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All of a checkpoint's weights, keyed as ``weight_keys`` names them.
+
+    Raises:
+        RunFormatError: the file cannot be read.
+    """
+    path = Path(path)
+    weights: dict[str, np.ndarray] = {}
+    try:
+        with h5py.File(path, "r") as f:
+            group = f["weights"]
+
+            def visit(name, obj):
+                if isinstance(obj, h5py.Dataset):
+                    weights[name] = obj[()]
+
+            group.visititems(visit)
+    except (OSError, KeyError) as e:
+        raise RunFormatError(
+            f"checkpoint {path} cannot be read ({e}). It is damaged; delete it or replay "
+            "the others with --epochs."
+        ) from e
+    return weights
+
+
+def check_weights(model, weights: Mapping[str, np.ndarray], source: str) -> None:
+    """Raises ``CheckpointMismatchError`` unless ``weights`` fit ``model`` exactly."""
+    keys = weight_keys(model)
+    missing = [k for k in keys if k not in weights]
+    if missing:
+        raise CheckpointMismatchError(
+            f"checkpoint {source} has no variable {missing[0]!r} (the model has {len(keys)} "
+            f"variables, the file {len(weights)}). Was it written by a different model?"
+        )
+    extra = sorted(set(weights) - set(keys))
+    if extra:
+        raise CheckpointMismatchError(
+            f"checkpoint {source} has variable {extra[0]!r}, which the model lacks (the model "
+            f"has {len(keys)} variables, the file {len(weights)}). Was it written by a "
+            "different model?"
+        )
+    for key, variable in zip(keys, model.weights, strict=True):
+        shape = tuple(int(d) for d in variable.shape)
+        if tuple(weights[key].shape) != shape:
+            raise CheckpointMismatchError(
+                f"checkpoint {source}: variable {key!r} has shape {tuple(weights[key].shape)}, "
+                f"the model expects {shape}. Was it written by a different model?"
+            )
+
+
+def load_weights(model, checkpoint: str | os.PathLike | Mapping[str, np.ndarray]) -> None:
+    """Assigns a checkpoint's weights to ``model`` by variable path.
+
+    Args:
+        model: a built Keras model with the same variables as the one that was trained.
+        checkpoint: a checkpoint path, or weights already read with ``read_weights``.
+
+    Raises:
+        RunFormatError: the file cannot be read.
+        CheckpointMismatchError: a variable is missing, extra or of another shape; the
+            message names it. The model is left unchanged.
+
+    Example:
+        >>> load_weights(model, "runs/exp1/checkpoints/e0003.h5")
+    """
+    if isinstance(checkpoint, Mapping):
+        weights, source = checkpoint, "(in memory)"
+    else:
+        weights, source = read_weights(checkpoint), str(checkpoint)
+    check_weights(model, weights, source)
+    for key, variable in zip(weight_keys(model), model.weights, strict=True):
+        variable.assign(weights[key].astype(variable.dtype, copy=False))
+
+
+def verify_checkpoint(path: str | os.PathLike, model=None) -> Checkpoint:
+    """Opens a checkpoint, reads every weight, and checks them against ``model`` if given.
+
+    Returns:
+        The checkpoint's metadata.
+
+    Raises:
+        RunFormatError: unreadable or unknown format.
+        CheckpointMismatchError: the variables do not fit ``model``.
+    """
+    info = read_checkpoint(path)
+    weights = read_weights(path)
+    if model is not None:
+        check_weights(model, weights, str(path))
+    return info
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class Run:
+    """A run folder opened for reading.
+
+    Args:
+        run_dir: the folder ``ReplayCheckpoint`` wrote.
+
+    Raises:
+        RunFormatError: there is no readable trueloss-replay manifest in ``run_dir``.
+
+    Example:
+        >>> run = Run("runs/exp1")
+        >>> [c.name for c in run.checkpoints()]
+        ['e0000.h5', 'e0001.h5', 'e0002.h5']
+    """
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir)
+        self.manifest = read_manifest(self.path)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / CHECKPOINT_DIR
+
+    @property
+    def results_dir(self) -> Path:
+        return self.path / RESULTS_DIR
+
+    def resolve(self, relative: str) -> Path:
+        """A path named in the manifest, refused unless it stays inside the run folder."""
+        return resolve_inside(self.path, relative)
+
+    @property
+    def model_path(self) -> Path | None:
+        model = self.manifest.get("model")
+        return None if model is None else self.resolve(model)
+
+    def checkpoints(self, epoch_end_only: bool = False) -> list[Checkpoint]:
+        """The run's checkpoints in training order; unreadable ones carry ``error``."""
+        return list_checkpoints(self.checkpoint_dir, epoch_end_only=epoch_end_only)
+
+
+def resolve_inside(run_dir: Path, relative: str) -> Path:
+    """``run_dir / relative``, refused when ``relative`` is absolute or leaves ``run_dir``."""
+    candidate = (run_dir / relative).resolve()
+    if Path(relative).is_absolute() or not candidate.is_relative_to(run_dir.resolve()):
+        raise RunFormatError(
+            f"{run_dir / MANIFEST} names the path {relative!r}, which is outside the run "
+            "folder; refusing to read it. Paths in a manifest must be relative to the run."
+        )
+    return candidate
+
+
+def list_checkpoints(folder: Path, epoch_end_only: bool = False) -> list[Checkpoint]:
+    """Every complete checkpoint file in ``folder``, in training order.
+
+    Temporary files of an interrupted write are ignored. A file that cannot be opened is
+    listed with ``error`` set rather than raising, so one bad file does not hide the others.
+    """
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in os.scandir(folder):
+        parsed = parse_checkpoint_name(entry.name)
+        if parsed is None or not entry.is_file():
+            continue
+        if epoch_end_only and parsed[1] is not None:
+            continue
+        try:
+            found.append(read_checkpoint(entry.path))
+        except RunFormatError as e:
+            found.append(Checkpoint(entry.name, Path(entry.path), parsed[0], error=str(e)))
+    return sorted(found, key=Checkpoint.sort_key)
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    """The manifest of ``run_dir``, checked for format and version.
+
+    Raises:
+        RunFormatError: missing, not JSON, not a trueloss-replay run, or a newer version.
+    """
+    path = run_dir / MANIFEST
+    if not run_dir.is_dir():
+        raise RunFormatError(
+            f"run folder {run_dir} does not exist. Pass the folder given to ReplayCheckpoint."
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise RunFormatError(
+            f"{run_dir} has no {MANIFEST}; it is not a trueloss-replay run folder. Pass the "
+            "folder given to ReplayCheckpoint."
+        ) from e
+    except (OSError, ValueError) as e:
+        raise RunFormatError(
+            f"{path} cannot be read as JSON ({e}); the manifest is damaged."
+        ) from e
+    if not isinstance(manifest, dict) or manifest.get("format") != RUN_FORMAT:
+        raise RunFormatError(
+            f"{path} is not a trueloss-replay manifest (format "
+            f"{manifest.get('format') if isinstance(manifest, dict) else None!r})."
+        )
+    if int(manifest.get("version", -1)) > FORMAT_VERSION:
+        raise RunFormatError(
+            f"{path} has format version {manifest.get('version')}; this trueloss-replay reads "
+            f"up to {FORMAT_VERSION}. Upgrade trueloss-replay."
+        )
+    return manifest
+
+
+def remove_path(path: Path) -> None:
+    """Removes a file or folder if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
