@@ -320,7 +320,7 @@ class ReplayCheckpoint(keras.callbacks.Callback):
     def _snapshot(self, epoch: int, step: int, logs, within_epoch: bool = False) -> None:
         # The only work on the training thread: one host copy of each weight.
         weights = [
-            (key, np.array(v, copy=True))
+            (key, np.array(keras.ops.convert_to_numpy(v), copy=True))
             for key, v in zip(runfmt.weight_keys(self.model), self.model.weights, strict=True)
         ]
         name = runfmt.checkpoint_name(epoch, step if within_epoch else None)

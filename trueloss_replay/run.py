@@ -244,8 +244,10 @@ def write_checkpoint(
                 f.attrs["time"] = float(time)
                 f.attrs["logs"] = json.dumps(to_jsonable(logs))
                 group = f.create_group("weights")
-                for key, array in weights:
-                    group.create_dataset(key, data=array)
+                for index, (key, array) in enumerate(weights):
+                    # The position in model.weights: lets a rebuilt model whose layers got
+                    # other auto-generated names (dense_3 for dense) load by structure.
+                    group.create_dataset(key, data=array).attrs["index"] = index
     except OSError as e:
         raise RunWriteError(
             f"could not write checkpoint {path}: {e.strerror or e}. "
@@ -307,11 +309,14 @@ def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
         with h5py.File(path, "r") as f:
             group = f["weights"]
 
+            found = []
+
             def visit(name, obj):
                 if isinstance(obj, h5py.Dataset):
-                    weights[name] = obj[()]
+                    found.append((int(obj.attrs.get("index", len(found))), name, obj[()]))
 
             group.visititems(visit)
+            weights = {name: array for _, name, array in sorted(found, key=lambda t: t[0])}
     except (OSError, KeyError) as e:
         raise RunFormatError(
             f"checkpoint {path} cannot be read ({e}). It is damaged; delete it or replay "
@@ -320,8 +325,36 @@ def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return weights
 
 
+_UNIQUIFIER = re.compile(r"_\d+(?=/|$)")
+
+
+def _structural_key(key: str) -> str:
+    # Keras makes layer names unique with _1, _2 ...: "sequential_1/dense_2/kernel".
+    return _UNIQUIFIER.sub("", key)
+
+
+def match_weights(model, weights: Mapping[str, np.ndarray], source: str) -> list[np.ndarray]:
+    """The checkpoint's arrays in ``model.weights`` order, or ``CheckpointMismatchError``.
+
+    Variables match by path. When the paths differ only in Keras' auto-generated name
+    suffixes (a model rebuilt in a process that had built others: ``dense_3`` for
+    ``dense``), they match by position, provided every shape agrees.
+    """
+    keys = weight_keys(model)
+    if set(keys) != set(weights) and len(keys) == len(weights):
+        file_keys = list(weights)
+        structural = [_structural_key(k) for k in keys] == [_structural_key(k) for k in file_keys]
+        if structural and all(
+            tuple(weights[fk].shape) == tuple(int(d) for d in v.shape)
+            for fk, v in zip(file_keys, model.weights, strict=True)
+        ):
+            return [weights[fk] for fk in file_keys]
+    check_weights(model, weights, source)
+    return [weights[k] for k in keys]
+
+
 def check_weights(model, weights: Mapping[str, np.ndarray], source: str) -> None:
-    """Raises ``CheckpointMismatchError`` unless ``weights`` fit ``model`` exactly."""
+    """Raises ``CheckpointMismatchError`` unless ``weights`` fit ``model`` by variable path."""
     keys = weight_keys(model)
     missing = [k for k in keys if k not in weights]
     if missing:
@@ -364,9 +397,9 @@ def load_weights(model, checkpoint: str | os.PathLike | Mapping[str, np.ndarray]
         weights, source = checkpoint, "(in memory)"
     else:
         weights, source = read_weights(checkpoint), str(checkpoint)
-    check_weights(model, weights, source)
-    for key, variable in zip(weight_keys(model), model.weights, strict=True):
-        variable.assign(weights[key].astype(variable.dtype, copy=False))
+    arrays = match_weights(model, weights, source)
+    for array, variable in zip(arrays, model.weights, strict=True):
+        variable.assign(array.astype(variable.dtype, copy=False))
 
 
 def verify_checkpoint(path: str | os.PathLike, model=None) -> Checkpoint:
@@ -382,7 +415,7 @@ def verify_checkpoint(path: str | os.PathLike, model=None) -> Checkpoint:
     info = read_checkpoint(path)
     weights = read_weights(path)
     if model is not None:
-        check_weights(model, weights, str(path))
+        match_weights(model, weights, str(path))
     return info
 
 
