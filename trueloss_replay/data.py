@@ -217,3 +217,211 @@ def fingerprint_arrays(x: Any, y: Any, sw: Any) -> dict[str, Any]:
         "dtypes": [str(a.dtype) for a in leaves],
         "hash": digest.hexdigest()[:16],
     }
+
+
+# --------------------------------------------------------------------------- splits
+
+
+class Split:
+    """One evaluation set (``train`` or ``val``) that yields finite ``(x, y, sw)`` batches.
+
+    Attributes:
+        name: ``"train"`` or ``"val"``.
+        fingerprint: count, shapes, dtypes and a hash of a few examples (see
+            ``fingerprint_arrays``); results record it so that a change of data is noticed.
+    """
+
+    name: str
+    fingerprint: dict[str, Any]
+
+    def batches(self, batch_size: int):
+        """Yields ``(x, y, sample_weight)``; ``sample_weight`` may be None."""
+        raise NotImplementedError
+
+    def num_batches(self, batch_size: int) -> int | None:
+        raise NotImplementedError
+
+
+class ArraySplit(Split):
+    """In-memory arrays: sliced into batches of any size; the fast path."""
+
+    def __init__(self, name: str, x: Any, y: Any, sample_weight: Any = None):
+        self.name = name
+        self.x, self.y, self.sample_weight = x, y, sample_weight
+        if y is None:
+            raise DataError(
+                f"{name} data has no targets (y); replay needs (x, y) to compute a loss."
+            )
+        lengths = {len(a) for a in flatten(x) + flatten(y) + flatten(sample_weight)}
+        if len(lengths) != 1:
+            raise DataError(
+                f"{name} data: x, y and sample_weight have different numbers of examples "
+                f"({sorted(lengths)}); they must all have the same first dimension."
+            )
+        self.count = lengths.pop()
+        if self.count == 0:
+            raise DataError(f"{name} data is empty; replay needs at least one example.")
+        self.fingerprint = {"kind": "arrays", **fingerprint_arrays(x, y, sample_weight)}
+
+    def num_batches(self, batch_size: int) -> int:
+        return -(-self.count // batch_size)
+
+    def batches(self, batch_size: int):
+        for start in range(0, self.count, batch_size):
+            part = slice(start, start + batch_size)
+            yield tuple(_slice(v, part) for v in (self.x, self.y, self.sample_weight))
+
+
+def _slice(value: Any, part: slice) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return {k: _slice(v, part) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_slice(v, part) for v in value]
+    return value[part]
+
+
+def _unpack(element: Any, name: str) -> tuple[Any, Any, Any]:
+    if isinstance(element, (tuple, list)) and len(element) in (2, 3):
+        return element[0], element[1], element[2] if len(element) == 3 else None
+    raise DataError(
+        f"{name} data yields elements without targets ({type(element).__name__}); each batch "
+        "must be (x, y) or (x, y, sample_weight)."
+    )
+
+
+class DatasetSplit(Split):
+    """A finite, batched ``tf.data.Dataset``, iterated as it is (its own batch size)."""
+
+    def __init__(self, name: str, dataset: Any):
+        import tensorflow as tf
+
+        self.name = name
+        self.dataset = dataset
+        cardinality = int(dataset.cardinality())
+        if cardinality == int(tf.data.INFINITE_CARDINALITY):
+            raise DataError(
+                f"{name} data is an infinite tf.data.Dataset (it repeats); replay needs one "
+                "finite pass: drop .repeat() or add .take(steps)."
+            )
+        if cardinality == 0:
+            raise DataError(f"{name} data is an empty tf.data.Dataset.")
+        self.cardinality = cardinality
+        first = next(iter(dataset), None)
+        if first is None:
+            raise DataError(f"{name} data is an empty tf.data.Dataset.")
+        x, y, sw = _unpack(first, name)
+        arrays = [np.asarray(a) for a in (x, y, sw)]
+        self.fingerprint = {
+            "kind": "tf.data",
+            "cardinality": cardinality,
+            "element_spec": str(dataset.element_spec),
+            **{k: v for k, v in fingerprint_arrays(*arrays).items() if k != "count"},
+        }
+
+    def num_batches(self, batch_size: int) -> int | None:
+        return self.cardinality if self.cardinality >= 0 else None
+
+    def batches(self, batch_size: int):
+        for element in self.dataset:
+            yield _unpack(element, self.name)
+
+
+class PyDatasetSplit(Split):
+    """A ``keras.utils.PyDataset`` (or any ``Sequence`` of batches), read in order."""
+
+    def __init__(self, name: str, dataset: Any):
+        self.name = name
+        self.dataset = dataset
+        try:
+            length = len(dataset)
+        except TypeError as e:
+            raise DataError(
+                f"{name} data is a PyDataset without a length (infinite); replay needs a "
+                "finite PyDataset with __len__."
+            ) from e
+        if length == 0:
+            raise DataError(f"{name} data is an empty PyDataset.")
+        self.length = length
+        x, y, sw = _unpack(dataset[0], name)
+        self.fingerprint = {
+            "kind": "PyDataset",
+            "batches": length,
+            **{k: v for k, v in fingerprint_arrays(x, y, sw).items() if k != "count"},
+        }
+
+    def num_batches(self, batch_size: int) -> int:
+        return self.length
+
+    def batches(self, batch_size: int):
+        for i in range(self.length):
+            yield _unpack(self.dataset[i], self.name)
+
+
+def make_split(name: str, source: Any) -> Split:
+    """A ``Split`` from arrays, an ``(x, y[, sw])`` tuple, a file path, a ``tf.data.Dataset`` or a
+    ``PyDataset``.
+
+    Raises:
+        DataError: the source is of an unknown kind, infinite, empty, or lacks targets.
+    """
+    if isinstance(source, Split):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        return ArraySplit(name, *load_arrays(source))
+    module = type(source).__module__
+    if module.startswith("tensorflow") and hasattr(source, "element_spec"):
+        return DatasetSplit(name, source)
+    if (
+        hasattr(source, "__getitem__")
+        and hasattr(source, "__len__")
+        and not isinstance(source, (tuple, list, dict))
+    ):
+        return PyDatasetSplit(name, source)
+    return ArraySplit(name, *as_arrays(source, f"{name} data"))
+
+
+def call_factory(reference: str) -> dict[str, Any]:
+    """Imports and calls a ``module:function`` data factory: ``{"train": ..., "val": ...}``."""
+    factory = import_reference(reference, "data")
+    try:
+        produced = factory()
+    except Exception as e:
+        raise DataError(f"data factory {reference} raised {type(e).__name__}: {e}") from e
+    if isinstance(produced, Mapping) and "train" in produced:
+        return {"train": produced["train"], "val": produced.get("val")}
+    if isinstance(produced, (tuple, list)) and len(produced) == 2:
+        return {"train": produced[0], "val": produced[1]}
+    raise DataError(
+        f"data factory {reference} returned {type(produced).__name__}; expected "
+        '{"train": ..., "val": ...} or a (train, val) pair.'
+    )
+
+
+def resolve_splits(
+    run: Any, *, data: str | None = None, train: Any = None, val: Any = None
+) -> dict[str, Split]:
+    """The data a replay evaluates, by precedence: explicit ``train``/``val`` (arrays, files,
+    datasets), then a ``module:function`` factory (``data``, else the manifest's), then the
+    callback's snapshots in ``RUN_DIR/data/``.
+
+    Raises:
+        DataError: no training data can be found, or a source is malformed.
+    """
+    sources: dict[str, Any] = {}
+    if train is None and val is None:
+        reference = data or run.manifest.get("data")
+        if reference:
+            sources = call_factory(reference)
+        else:
+            for split, rel in (run.manifest.get("data_files") or {}).items():
+                sources[split] = run.resolve(rel)
+    else:
+        sources = {"train": train, "val": val}
+    if sources.get("train") is None:
+        raise DataError(
+            f"no training data for run {run.path}: pass --data MODULE:FUNCTION or --train FILE "
+            "(or give ReplayCheckpoint data= or train_data= when training)."
+        )
+    return {name: make_split(name, s) for name, s in sources.items() if s is not None}

@@ -378,12 +378,15 @@ def check_weights(model, weights: Mapping[str, np.ndarray], source: str) -> None
             )
 
 
-def load_weights(model, checkpoint: str | os.PathLike | Mapping[str, np.ndarray]) -> None:
+def load_weights(
+    model, checkpoint: str | os.PathLike | Mapping[str, np.ndarray], source: str | None = None
+) -> None:
     """Assigns a checkpoint's weights to ``model`` by variable path.
 
     Args:
         model: a built Keras model with the same variables as the one that was trained.
         checkpoint: a checkpoint path, or weights already read with ``read_weights``.
+        source: the name error messages give the weights (default: the path).
 
     Raises:
         RunFormatError: the file cannot be read.
@@ -394,9 +397,9 @@ def load_weights(model, checkpoint: str | os.PathLike | Mapping[str, np.ndarray]
         >>> load_weights(model, "runs/exp1/checkpoints/e0003.h5")
     """
     if isinstance(checkpoint, Mapping):
-        weights, source = checkpoint, "(in memory)"
+        weights, source = checkpoint, source or "(in memory)"
     else:
-        weights, source = read_weights(checkpoint), str(checkpoint)
+        weights, source = read_weights(checkpoint), source or str(checkpoint)
     arrays = match_weights(model, weights, source)
     for array, variable in zip(arrays, model.weights, strict=True):
         variable.assign(array.astype(variable.dtype, copy=False))

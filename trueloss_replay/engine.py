@@ -1,0 +1,672 @@
+"""The replay engine: one model, many checkpoints, exact inference-mode figures.
+
+The model is built and compiled once per device, and one evaluation step is traced once per
+device and input shape; each checkpoint only swaps the weights into the same variables.
+
+Exactness. Keras' ``evaluate()`` reports ``loss`` as the batch-size-weighted mean of the
+per-batch ``compute_loss``, which is the compiled loss (loss weights, sample weights, one term
+per output) plus every entry of ``model.losses``. The step below computes the two parts
+separately with Keras' own objects (``CompileLoss``, ``CompileMetrics``, the model's
+``_aggregate_additional_loss``), returns per-batch values, and the host sums them in float64.
+Metric states are reset before each batch and their per-batch values summed on the host; the
+summed state is then written back and Keras' own ``result()`` turns it into the figure. This
+assumes additive metric states, which holds for every built-in Keras metric (sums, counts and
+confusion matrices). The figures do not depend on the evaluation batch size, up to float32
+rounding within a batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import queue
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trueloss_replay import run as runfmt
+from trueloss_replay.data import Split, import_reference, resolve_splits
+from trueloss_replay.errors import (
+    DataError,
+    ModelLoadError,
+    RunFormatError,
+    TruelossReplayError,
+)
+
+RESULT_FORMAT = "trueloss-replay/result"
+DEFAULT_BATCH_SIZE = 2048
+
+
+class ReplayIncompleteError(RunFormatError):
+    """Some checkpoints could not be evaluated; all the others were.
+
+    Attributes:
+        failures: ``{checkpoint name: reason}``.
+        history: the true-loss History of what was evaluated.
+    """
+
+    def __init__(self, message: str, failures: dict[str, str], history: Any):
+        super().__init__(message)
+        self.failures = failures
+        self.history = history
+
+
+# --------------------------------------------------------------------------- model
+
+
+def import_modules(modules: Iterable[str]) -> None:
+    """Imports modules that register custom layers, losses or metrics (``--import``)."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ModelLoadError(f"cannot import module {name!r} given with --import ({e}).") from e
+
+
+def load_model(run: runfmt.Run, builder: Callable | str | None = None, unsafe: bool = False):
+    """The run's model, compiled as it was for training.
+
+    Args:
+        run: the opened run folder.
+        builder: a callable (or ``module:function``) returning the model, for runs whose
+            architecture could not be saved; compiled from the manifest when it is not.
+        unsafe: load ``model.keras`` with ``safe_mode=False`` (Lambda layers need it).
+
+    Raises:
+        ModelLoadError: no architecture and no builder, an unsafe layer without ``unsafe``,
+            an unregistered custom object, or an uncompiled model.
+    """
+    import keras
+
+    if builder is not None:
+        if isinstance(builder, str):
+            try:
+                builder = import_reference(builder, "--model")
+            except DataError as e:
+                raise ModelLoadError(str(e)) from e
+        model = builder()
+        if not getattr(model, "compiled", False):
+            config = run.manifest.get("compile")
+            if not config:
+                raise ModelLoadError(
+                    f"the model builder returned an uncompiled model and {run.path} records "
+                    "no compile config; compile the model in the builder."
+                )
+            model.compile_from_config(config)
+        return model
+    path = run.model_path
+    if path is None:
+        raise ModelLoadError(
+            f"run {run.path} has no saved architecture (the model could not be serialized); "
+            "pass a builder: --model MODULE:FUNCTION returning the model."
+        )
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing; pass --model MODULE:FUNCTION instead.")
+    try:
+        model = keras.saving.load_model(path, safe_mode=not unsafe, compile=True)
+    except Exception as e:  # noqa: BLE001 - Keras raises bare ValueError/TypeError here
+        raise ModelLoadError(_explain_load_error(path, e)) from e
+    if not getattr(model, "compiled", False) or getattr(model, "_compile_loss", None) is None:
+        raise ModelLoadError(
+            f"{path} holds a model compiled without a loss; there is nothing to replay."
+        )
+    return model
+
+
+def _explain_load_error(path: Path, error: Exception) -> str:
+    text = str(error)
+    if "safe_mode" in text or "unsafe" in text.lower():
+        return (
+            f"{path} contains a layer that can run arbitrary code (e.g. Lambda); loading it "
+            "needs --unsafe-deserialization (only for run folders you trust)."
+        )
+    for marker in ("Could not locate", "Unknown", "not found", "could not be deserialized"):
+        if marker in text:
+            name = _quoted_name(text)
+            return (
+                f"{path} uses a custom object{f' {name!r}' if name else ''} that is not "
+                "registered; pass --import MODULE for the module that defines it (decorated "
+                "with @keras.saving.register_keras_serializable)."
+            )
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return f"cannot load the model from {path}: {first[:300]}"
+
+
+def _quoted_name(text: str) -> str | None:
+    for quote in ("'", '"'):
+        start = text.find(quote)
+        end = text.find(quote, start + 1)
+        if start >= 0 and end > start:
+            return text[start + 1 : end]
+    return None
+
+
+# --------------------------------------------------------------------------- evaluator
+
+
+class Evaluator:
+    """Evaluates one compiled model at many weights, on one device.
+
+    Args:
+        model: a compiled Keras model (built or buildable on the first batch).
+        device: a TensorFlow device name, e.g. ``/CPU:0`` or ``/GPU:1``.
+        jit_compile: XLA-compile the step (None: try XLA, fall back without it).
+
+    Attributes:
+        traces: how many times the step function was traced (once per input shape).
+    """
+
+    def __init__(self, model, device: str = "/CPU:0", jit_compile: bool | None = None):
+        self.model = model
+        self.device = device
+        self.jit_compile = jit_compile
+        self.traces = 0
+        self._step = None
+        self._built = False
+        self._tracked: list[Any] = []
+        self._state: list[Any] = []
+
+    # --- public
+
+    def load(self, weights: dict[str, np.ndarray], source: str) -> None:
+        """Assigns a checkpoint's weights (already read) to the model's variables."""
+        runfmt.load_weights(self.model, weights, source)
+
+    def evaluate(
+        self, split: Split, batch_size: int, on_batch: Callable[[int], None] | None = None
+    ):
+        """The split's figures at the current weights.
+
+        Returns:
+            ``{"loss": data loss, "regularization_loss": ..., <metric>: ...}`` and the count.
+        """
+        import tensorflow as tf
+
+        loss_sum = reg_sum = 0.0
+        count = 0
+        state_sums: list[np.ndarray] | None = None
+        pending: list[tuple[int, Any]] = []
+        with tf.device(self.device):
+            for x, y, sw in split.batches(batch_size):
+                if not self._built:
+                    self._build(x, y, sw, split.name)
+                n = _batch_length(x)
+                outputs = self._call(x, y, sw, split.name)
+                pending.append((n, outputs))
+                if on_batch is not None:
+                    on_batch(n)
+            # Converting only now lets the device run ahead of the host loop.
+            for n, (data, reg, states) in pending:
+                loss_sum += float(data) * n
+                reg_sum += float(reg) * n
+                values = [np.asarray(s, dtype=np.float64) for s in states]
+                state_sums = (
+                    values
+                    if state_sums is None
+                    else [a + b for a, b in zip(state_sums, values, strict=True)]
+                )
+                count += n
+        if count == 0:
+            raise DataError(f"{split.name} data yielded no examples.")
+        figures = {"loss": loss_sum / count, "regularization_loss": reg_sum / count}
+        figures.update(self._metric_results(state_sums or []))
+        return figures, count
+
+    # --- internals
+
+    def _build(self, x, y, sw, split_name: str) -> None:
+        import tensorflow as tf
+
+        model = self.model
+        try:
+            # One eager pass on a few examples creates the loss and metric objects and their
+            # variables, which a traced function must not create.
+            few = slice(0, 2)
+            xs, ys, sws = (_slice_any(v, few) for v in (x, y, sw))
+            y_pred = model(xs, training=False)
+            model._compile_loss(ys, y_pred, sws)
+            if model._compile_metrics is not None:
+                model._compile_metrics.update_state(ys, y_pred, sws)
+        except Exception as e:  # noqa: BLE001 - wrong shapes surface as many error types
+            raise DataError(_shape_message(model, x, split_name, e)) from e
+        self._tracked = [m for m in (model._compile_metrics, *model._compile_loss.metrics) if m]
+        self._state = [v for m in self._tracked for v in m.variables]
+        additional = model._aggregate_additional_loss
+
+        def step(x, y, sw):
+            self.traces += 1
+            for variable in self._state:
+                variable.assign(tf.zeros(variable.shape, variable.dtype))
+            y_pred = model(x, training=False)
+            data = model._compile_loss(y, y_pred, sw)
+            data = tf.zeros((), "float32") if data is None else data
+            extra = [additional(loss) for loss in model.losses]
+            reg = tf.add_n([tf.cast(e, "float32") for e in extra]) if extra else tf.zeros(())
+            if model._compile_metrics is not None:
+                model._compile_metrics.update_state(y, y_pred, sw)
+            return data, reg, [v.value for v in self._state]
+
+        jit = True if self.jit_compile is None else self.jit_compile
+        self._step = tf.function(step, jit_compile=jit, reduce_retracing=False)
+        self._fallback = tf.function(step, jit_compile=False) if self.jit_compile is None else None
+        self._built = True
+
+    def _call(self, x, y, sw, split_name: str):
+        try:
+            return self._step(x, y, sw)
+        except Exception as e:  # noqa: BLE001
+            if self._fallback is None or not _is_xla_failure(e):
+                raise DataError(_shape_message(self.model, x, split_name, e)) from e
+            warnings.warn(
+                f"trueloss-replay: XLA cannot compile this model ({type(e).__name__}); "
+                "evaluating without jit_compile.",
+                stacklevel=2,
+            )
+            self._step, self._fallback = self._fallback, None
+            return self._step(x, y, sw)
+
+    def _metric_results(self, state_sums: Sequence[np.ndarray]) -> dict[str, float]:
+        for variable, total in zip(self._state, state_sums, strict=True):
+            variable.assign(total.astype(variable.dtype))
+        results: dict[str, float] = {}
+        for metric in self._tracked:
+            value = metric.result()
+            if isinstance(value, dict):
+                results.update({k: float(np.asarray(v)) for k, v in value.items()})
+            else:
+                results[metric.name] = float(np.asarray(value))
+        return results
+
+
+def _batch_length(x: Any) -> int:
+    if isinstance(x, dict):
+        x = next(iter(x.values()))
+    elif isinstance(x, (list, tuple)):
+        x = x[0]
+    return int(x.shape[0])
+
+
+def _slice_any(value: Any, part: slice) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return {k: _slice_any(v, part) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_slice_any(v, part) for v in value)
+    return value[part]
+
+
+def _is_xla_failure(error: Exception) -> bool:
+    text = str(error)
+    return any(s in text for s in ("XLA", "xla", "jit_compile", "Compilation failure", "tf2xla"))
+
+
+def _shape_message(model, x, split_name: str, error: Exception) -> str:
+    shapes = [tuple(a.shape) for a in _leaves(x)]
+    expected = getattr(model, "input_shape", None)
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    return (
+        f"{split_name} data does not fit the model: the model expects inputs of shape "
+        f"{expected}, the data has {shapes if len(shapes) > 1 else shapes[0]} ({first})."
+    )
+
+
+def _leaves(x: Any) -> list[Any]:
+    if isinstance(x, dict):
+        return [a for v in x.values() for a in _leaves(v)]
+    if isinstance(x, (list, tuple)):
+        return [a for v in x for a in _leaves(v)]
+    return [x]
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def resolve_devices(spec: str = "auto") -> list[str]:
+    """TensorFlow device names for ``--devices``.
+
+    ``auto``: every GPU, else the CPU. ``cpu``: every logical CPU device. ``gpu``: every GPU
+    (an error without one). ``0,1``: those GPUs. Full names (``/CPU:1``) are taken as they are.
+
+    Raises:
+        DataError: a named device does not exist (the message lists those that do).
+    """
+    import tensorflow as tf
+
+    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+    spec = (spec or "auto").strip()
+    if spec == "auto":
+        return gpus or cpus[:1]
+    if spec == "cpu":
+        return cpus
+    if spec == "gpu":
+        if not gpus:
+            raise DataError("--devices gpu: TensorFlow sees no GPU; use --devices cpu or auto.")
+        return gpus
+    chosen = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        if part.isdigit():
+            name = f"/device:GPU:{part}"
+            matches = [g for g in gpus if g.endswith(f"GPU:{part}")]
+        else:
+            name = part if part.startswith("/") else f"/device:{part.upper()}"
+            matches = [
+                d for d in gpus + cpus if d.lower().endswith(name.lower().split("device:")[-1])
+            ]
+        if not matches:
+            raise DataError(
+                f"--devices {spec}: there is no device {name}; TensorFlow sees "
+                f"{', '.join(cpus + gpus)}."
+            )
+        chosen.append(matches[0])
+    return chosen
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def parse_epochs(spec: str | Iterable[int] | None) -> set[int] | None:
+    """``"1,3,5-9"`` to ``{1, 3, 5, 6, 7, 8, 9}``; None means every checkpoint."""
+    if spec is None:
+        return None
+    if not isinstance(spec, str):
+        return {int(e) for e in spec}
+    chosen: set[int] = set()
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        low, sep, high = part.partition("-")
+        try:
+            if sep:
+                lo, hi = int(low), int(high)
+                if hi < lo:
+                    raise ValueError
+                chosen.update(range(lo, hi + 1))
+            else:
+                chosen.add(int(low))
+        except ValueError as e:
+            raise DataError(
+                f"--epochs {spec!r}: {part!r} is not an epoch or a range like 5-9."
+            ) from e
+    return chosen
+
+
+def result_path(output: Path, checkpoint_name: str) -> Path:
+    return output / (Path(checkpoint_name).stem + ".json")
+
+
+def _reusable(path: Path, checkpoint: runfmt.Checkpoint, fingerprints: dict) -> dict | None:
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if result.get("checkpoint_time") != checkpoint.time or result.get("data") != fingerprints:
+        return None
+    return result
+
+
+# --------------------------------------------------------------------------- replay
+
+
+class _Progress:
+    """The hooks a progress display implements; the default does nothing."""
+
+    def start(self, checkpoints: int, batches_per_checkpoint: int | None) -> None: ...
+
+    def advance(self, examples: int) -> None: ...
+
+    def checkpoint_done(self, result: dict[str, Any], reused: bool) -> None: ...
+
+    def checkpoint_failed(self, name: str, reason: str) -> None: ...
+
+
+def replay(
+    run_dir: str | os.PathLike,
+    *,
+    data: str | None = None,
+    train: Any = None,
+    val: Any = None,
+    batch_size: int | None = None,
+    devices: str | Sequence[str] = "auto",
+    epochs: str | Iterable[int] | None = None,
+    force: bool = False,
+    output: str | os.PathLike | None = None,
+    unsafe_deserialization: bool = False,
+    model: Callable | str | None = None,
+    imports: Iterable[str] = (),
+    jit_compile: bool | None = None,
+    progress: _Progress | None = None,
+):
+    """Evaluates every checkpoint of a run in inference mode; returns the true-loss History.
+
+    Each checkpoint's figures go to ``<output>/<checkpoint>.json`` as soon as they are
+    computed, so an interrupted replay resumes where it stopped; a checkpoint whose result
+    exists for the same data is not evaluated again unless ``force``.
+
+    Args:
+        run_dir: the run folder ``ReplayCheckpoint`` wrote.
+        data: a ``module:function`` data factory (default: the one in the manifest).
+        train: training data: ``(x, y[, sample_weight])`` arrays, an ``.npz``/``.h5`` path,
+            a finite ``tf.data.Dataset`` or a ``keras.utils.PyDataset``.
+        val: validation data, the same kinds.
+        batch_size: evaluation batch size for array data (default 2048, or fewer examples).
+        devices: ``auto``, ``cpu``, ``gpu``, GPU indices ``"0,1"``, or device names.
+        epochs: which checkpoints, by completed epochs: ``"1,3,5-9"`` or a list of ints.
+        force: recompute results that already exist.
+        output: where results go (default ``RUN_DIR/replay/results``).
+        unsafe_deserialization: load ``model.keras`` with ``safe_mode=False``.
+        model: a builder (callable or ``module:function``) when the run has no architecture.
+        imports: modules to import first (custom layers, losses, metrics).
+        jit_compile: XLA for the evaluation step; None tries it and falls back.
+        progress: an object with the ``_Progress`` hooks (the CLI passes a rich display).
+
+    Returns:
+        keras.callbacks.History: the true curves (keys in DESIGN.md).
+
+    Raises:
+        RunFormatError: the run folder is unreadable.
+        DataError: no data, or data that does not fit the model.
+        ModelLoadError: the model cannot be rebuilt.
+        ReplayIncompleteError: some checkpoints failed; the others were evaluated and
+            ``error.history`` holds their History.
+
+    Example:
+        >>> history = replay("runs/exp1")
+        >>> history.history["loss"][-1], history.history["reported_loss"][-1]
+    """
+    from trueloss_replay.history import build_history, export_history
+
+    run = runfmt.Run(run_dir)
+    progress = progress or _Progress()
+    import_modules(imports)
+    splits = resolve_splits(run, data=data, train=train, val=val)
+    fingerprints = {name: split.fingerprint for name, split in splits.items()}
+    device_names = resolve_devices(devices) if isinstance(devices, str) else list(devices)
+    output = Path(output) if output is not None else run.results_dir
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunFormatError(f"cannot create the results folder {output}: {e}") from e
+
+    wanted = parse_epochs(epochs)
+    checkpoints = [c for c in run.checkpoints() if wanted is None or c.epoch in wanted]
+    if wanted is not None and not checkpoints:
+        raise DataError(f"--epochs selects no checkpoint of {run.path}.")
+    failures: dict[str, str] = {c.name: c.error for c in checkpoints if c.error}
+    results: dict[str, dict] = {}
+    todo = []
+    for c in checkpoints:
+        if c.error:
+            continue
+        reused = None if force else _reusable(result_path(output, c.name), c, fingerprints)
+        if reused is not None:
+            results[c.name] = reused
+        else:
+            todo.append(c)
+
+    batch = batch_size or DEFAULT_BATCH_SIZE
+    first_split = splits["train"]
+    per_ckpt = sum(s.num_batches(batch) or 0 for s in splits.values()) or None
+    progress.start(len(checkpoints), per_ckpt)
+    for c in checkpoints:
+        if c.name in results:
+            progress.checkpoint_done(results[c.name], reused=True)
+        elif c.error:
+            progress.checkpoint_failed(c.name, c.error)
+    del first_split
+
+    if todo:
+        builder = lambda: load_model(run, model, unsafe_deserialization)  # noqa: E731
+        _evaluate_all(
+            todo,
+            splits,
+            device_names,
+            builder,
+            batch,
+            output,
+            fingerprints,
+            jit_compile,
+            run.manifest,
+            results,
+            failures,
+            progress,
+        )
+
+    ordered = [results[c.name] for c in checkpoints if c.name in results]
+    _warn_mixed_data(ordered, run.path)
+    history = build_history(ordered, run.manifest)
+    if output == run.results_dir:
+        export_history(run.path)
+    if failures:
+        names = ", ".join(f"{n} ({r})" for n, r in failures.items())
+        raise ReplayIncompleteError(
+            f"{len(failures)} checkpoint(s) of {run.path} could not be evaluated: {names}. "
+            f"The other {len(ordered)} were.",
+            failures,
+            history,
+        )
+    return history
+
+
+def _evaluate_all(
+    todo,
+    splits,
+    device_names,
+    builder,
+    batch,
+    output,
+    fingerprints,
+    jit_compile,
+    manifest,
+    results,
+    failures,
+    progress,
+) -> None:
+    """Spreads checkpoints over devices: one worker thread, one model replica per device."""
+    import tensorflow as tf
+
+    work: queue.Queue = queue.Queue()
+    for c in todo:
+        work.put(c)
+    lock = threading.Lock()
+    setup_errors: list[BaseException] = []
+
+    def worker(device: str) -> None:
+        try:
+            with tf.device(device):
+                evaluator = Evaluator(builder(), device, jit_compile)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
+            setup_errors.append(e)
+            return
+        with ThreadPoolExecutor(max_workers=1) as reader:
+            upcoming = _take(work)
+            future = reader.submit(runfmt.read_weights, upcoming.path) if upcoming else None
+            while upcoming is not None:
+                checkpoint, current = upcoming, future
+                # Read the next checkpoint from disk while this one evaluates: at most two
+                # checkpoints' weights in host memory per device.
+                upcoming = _take(work)
+                future = reader.submit(runfmt.read_weights, upcoming.path) if upcoming else None
+                try:
+                    result = _evaluate_checkpoint(
+                        evaluator,
+                        checkpoint,
+                        current.result(),
+                        splits,
+                        batch,
+                        fingerprints,
+                        manifest,
+                        progress,
+                    )
+                    runfmt.atomic_write_json(result_path(output, checkpoint.name), result)
+                except DataError as e:
+                    setup_errors.append(e)
+                    return
+                except TruelossReplayError as e:
+                    with lock:
+                        failures[checkpoint.name] = str(e)
+                    progress.checkpoint_failed(checkpoint.name, str(e))
+                    continue
+                with lock:
+                    results[checkpoint.name] = result
+                progress.checkpoint_done(result, reused=False)
+
+    threads = [threading.Thread(target=worker, args=(d,), daemon=True) for d in device_names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if setup_errors:
+        raise setup_errors[0]
+
+
+def _take(work: queue.Queue):
+    with contextlib.suppress(queue.Empty):
+        return work.get_nowait()
+    return None
+
+
+def _evaluate_checkpoint(
+    evaluator, checkpoint, weights, splits, batch, fingerprints, manifest, progress
+) -> dict[str, Any]:
+    started = time.perf_counter()
+    evaluator.load(weights, str(checkpoint.path))
+    figures, examples = {}, {}
+    for name, split in splits.items():
+        figures[name], examples[name] = evaluator.evaluate(split, batch, progress.advance)
+    return {
+        "format": RESULT_FORMAT,
+        "version": runfmt.FORMAT_VERSION,
+        "checkpoint": checkpoint.name,
+        "epoch": checkpoint.epoch,
+        "step": checkpoint.step,
+        "epoch_end": checkpoint.is_epoch_end,
+        "checkpoint_time": checkpoint.time,
+        "train": figures.get("train"),
+        "val": figures.get("val"),
+        "reported": checkpoint.logs,
+        "examples": examples,
+        "data": fingerprints,
+        "batch_size": batch,
+        "device": evaluator.device,
+        "seconds": time.perf_counter() - started,
+        "evaluated": time.time(),
+    }
+
+
+def _warn_mixed_data(results: list[dict], run_path: Path) -> None:
+    seen = {json.dumps(r.get("data"), sort_keys=True) for r in results}
+    if len(seen) > 1:
+        warnings.warn(
+            f"trueloss-replay: the checkpoints of {run_path} were evaluated on different data "
+            "(their data fingerprints differ); rerun the replay with --force to evaluate all "
+            "of them on the same data.",
+            stacklevel=3,
+        )
