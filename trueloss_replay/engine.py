@@ -110,14 +110,19 @@ def load_model(run: runfmt.Run, builder: Callable | str | None = None, unsafe: b
         )
     if not path.is_file():
         raise ModelLoadError(f"{path} is missing; pass --model MODULE:FUNCTION instead.")
+    config = run.manifest.get("compile")
+    if not config or not config.get("loss"):
+        raise ModelLoadError(
+            f"{run.path / runfmt.MANIFEST} records no compiled loss (the model was compiled "
+            "without one); there is no loss to replay."
+        )
     try:
-        model = keras.saving.load_model(path, safe_mode=not unsafe, compile=True)
+        # compile=False, then the manifest's compile config: the optimizer's saved state is
+        # of no use here, and loading it only warns about mismatched variables.
+        model = keras.saving.load_model(path, safe_mode=not unsafe, compile=False)
+        model.compile_from_config(config)
     except Exception as e:  # noqa: BLE001 - Keras raises bare ValueError/TypeError here
         raise ModelLoadError(_explain_load_error(path, e)) from e
-    if not getattr(model, "compiled", False) or getattr(model, "_compile_loss", None) is None:
-        raise ModelLoadError(
-            f"{path} holds a model compiled without a loss; there is nothing to replay."
-        )
     return model
 
 
@@ -196,6 +201,8 @@ class Evaluator:
         pending: list[tuple[int, Any]] = []
         with tf.device(self.device):
             for x, y, sw in split.batches(batch_size):
+                if _batch_length(x) == 0:
+                    continue
                 if not self._built:
                     self._build(x, y, sw, split.name)
                 n = _batch_length(x)
@@ -354,14 +361,9 @@ def resolve_devices(spec: str = "auto") -> list[str]:
         return gpus
     chosen = []
     for part in (p.strip() for p in spec.split(",") if p.strip()):
-        if part.isdigit():
-            name = f"/device:GPU:{part}"
-            matches = [g for g in gpus if g.endswith(f"GPU:{part}")]
-        else:
-            name = part if part.startswith("/") else f"/device:{part.upper()}"
-            matches = [
-                d for d in gpus + cpus if d.lower().endswith(name.lower().split("device:")[-1])
-            ]
+        short = f"gpu:{part}" if part.isdigit() else part.lower().lstrip("/").split("device:")[-1]
+        name = f"/device:{short.upper()}"
+        matches = [d for d in gpus + cpus if d.lower().split("device:")[-1] == short]
         if not matches:
             raise DataError(
                 f"--devices {spec}: there is no device {name}; TensorFlow sees "
@@ -577,6 +579,8 @@ def _evaluate_all(
         work.put(c)
     lock = threading.Lock()
     setup_errors: list[BaseException] = []
+    # Every replica is built before any takes work, so the queue spreads over all devices.
+    ready = threading.Barrier(len(device_names))
 
     def worker(device: str) -> None:
         try:
@@ -584,6 +588,11 @@ def _evaluate_all(
                 evaluator = Evaluator(builder(), device, jit_compile)
         except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
             setup_errors.append(e)
+            ready.abort()
+            return
+        try:
+            ready.wait()
+        except threading.BrokenBarrierError:
             return
         with ThreadPoolExecutor(max_workers=1) as reader:
             upcoming = _take(work)
@@ -606,14 +615,17 @@ def _evaluate_all(
                         progress,
                     )
                     runfmt.atomic_write_json(result_path(output, checkpoint.name), result)
-                except DataError as e:
-                    setup_errors.append(e)
-                    return
                 except TruelossReplayError as e:
+                    if isinstance(e, DataError):  # the data, not this checkpoint: stop
+                        setup_errors.append(e)
+                        return
                     with lock:
                         failures[checkpoint.name] = str(e)
                     progress.checkpoint_failed(checkpoint.name, str(e))
                     continue
+                except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
+                    setup_errors.append(e)
+                    return
                 with lock:
                     results[checkpoint.name] = result
                 progress.checkpoint_done(result, reused=False)

@@ -328,22 +328,31 @@ def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
 _UNIQUIFIER = re.compile(r"_\d+(?=/|$)")
 
 
-def _structural_key(key: str) -> str:
-    # Keras makes layer names unique with _1, _2 ...: "sequential_1/dense_2/kernel".
-    return _UNIQUIFIER.sub("", key)
+def _same_structure(a: str, b: str) -> bool:
+    """True when two variable paths differ only in what Keras generates per process.
+
+    Keras makes layer names unique with _1, _2 ... ("sequential_1/dense_2/kernel"), and a
+    Sequential model loaded from a .keras file drops its own name from the paths
+    ("dense_2/kernel"). So: compare without the suffixes, the shorter path as the tail of
+    the longer one.
+    """
+    pa, pb = _UNIQUIFIER.sub("", a).split("/"), _UNIQUIFIER.sub("", b).split("/")
+    shorter, longer = sorted((pa, pb), key=len)
+    return longer[len(longer) - len(shorter) :] == shorter
 
 
 def match_weights(model, weights: Mapping[str, np.ndarray], source: str) -> list[np.ndarray]:
     """The checkpoint's arrays in ``model.weights`` order, or ``CheckpointMismatchError``.
 
-    Variables match by path. When the paths differ only in Keras' auto-generated name
-    suffixes (a model rebuilt in a process that had built others: ``dense_3`` for
-    ``dense``), they match by position, provided every shape agrees.
+    Variables match by path. When the paths differ only in what Keras generates per
+    process (``dense_3`` for ``dense`` in a model rebuilt after others; no ``sequential/``
+    prefix in a Sequential model loaded from ``model.keras``), they match by position,
+    provided every path agrees structurally and every shape agrees.
     """
     keys = weight_keys(model)
     if set(keys) != set(weights) and len(keys) == len(weights):
         file_keys = list(weights)
-        structural = [_structural_key(k) for k in keys] == [_structural_key(k) for k in file_keys]
+        structural = all(_same_structure(a, b) for a, b in zip(keys, file_keys, strict=True))
         if structural and all(
             tuple(weights[fk].shape) == tuple(int(d) for d in v.shape)
             for fk, v in zip(file_keys, model.weights, strict=True)

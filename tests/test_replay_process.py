@@ -1,0 +1,105 @@
+"""Replay across processes: resume after kill -9, and several (logical) devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+from trueloss_replay.engine import replay
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SLOW_FACTORY = """
+import time
+import keras
+from trueloss_replay.data import load_arrays
+
+class Slow(keras.utils.PyDataset):
+    # A slow input pipeline: each batch takes a while, as a decoding tf.data map would.
+    def __init__(self, path, delay):
+        super().__init__()
+        self.x, self.y, _ = load_arrays(path)
+        self.delay = delay
+
+    def __len__(self):
+        return -(-len(self.x) // 20)
+
+    def __getitem__(self, i):
+        time.sleep(self.delay)
+        part = slice(i * 20, (i + 1) * 20)
+        return self.x[part], self.y[part]
+
+def load():
+    import os
+    run, delay = os.environ["RUN"], float(os.environ["DELAY"])
+    return Slow(run + "/data/train.h5", delay), Slow(run + "/data/val.h5", delay)
+"""
+
+
+def _env(**extra):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    env.update(extra)
+    return env
+
+
+def test_interrupted_replay_resumes_without_recomputing(run_copy, tmp_path, monkeypatch):
+    (tmp_path / "slowdata.py").write_text(SLOW_FACTORY)
+    results = run_copy / "replay" / "results"
+    env = _env(RUN=str(run_copy), DELAY="0.15")
+    code = f"from trueloss_replay.engine import replay; replay({str(run_copy)!r}, data='slowdata:load')"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(results.glob("e*.json"))) < 2:
+        assert proc.poll() is None, "replay ended before it could be interrupted"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = {p.name: json.loads(p.read_text())["evaluated"] for p in results.glob("e*.json")}
+    assert 2 <= len(done) < 4, done
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RUN", str(run_copy))
+    monkeypatch.setenv("DELAY", "0")
+    history = replay(run_copy, data="slowdata:load")
+    after = {p.name: json.loads(p.read_text())["evaluated"] for p in results.glob("e*.json")}
+    assert sorted(after) == ["e0000.json", "e0001.json", "e0002.json", "e0003.json"]
+    for name, stamp in done.items():
+        assert after[name] == stamp, f"{name} was evaluated again"
+    assert len(history.history["loss"]) == 3
+
+
+MULTI_DEVICE = """
+import json, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from trueloss_replay.engine import replay
+run, out = sys.argv[1], sys.argv[2]
+replay(run, devices="/CPU:0,/CPU:1", output=out + "/two", batch_size=50)
+replay(run, devices="/CPU:0", output=out + "/one", batch_size=50)
+"""
+
+
+def test_two_logical_devices_give_the_same_figures_as_one(trained_run, tmp_path):
+    subprocess.run(
+        [sys.executable, "-c", MULTI_DEVICE, str(trained_run.path), str(tmp_path)],
+        env=_env(),
+        check=True,
+        timeout=300,
+    )
+    one = {p.name: json.loads(p.read_text()) for p in (tmp_path / "one").glob("e*.json")}
+    two = {p.name: json.loads(p.read_text()) for p in (tmp_path / "two").glob("e*.json")}
+    assert sorted(one) == sorted(two) and len(one) == 4
+    assert {r["device"].split("/")[-1] for r in two.values()} == {"device:CPU:0", "device:CPU:1"}
+    for name in one:
+        for split in ("train", "val"):
+            for key, value in one[name][split].items():
+                np.testing.assert_allclose(two[name][split][key], value, rtol=1e-6)
