@@ -53,7 +53,10 @@ def test_interrupted_replay_resumes_without_recomputing(run_copy, tmp_path, monk
     (tmp_path / "slowdata.py").write_text(SLOW_FACTORY)
     results = run_copy / "replay" / "results"
     env = _env(RUN=str(run_copy), DELAY="0.15")
-    code = f"from trueloss_replay.engine import replay; replay({str(run_copy)!r}, data='slowdata:load')"
+    code = (
+        "from trueloss_replay.engine import replay; "
+        f"replay({str(run_copy)!r}, data='slowdata:load')"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list(results.glob("e*.json"))) < 2:
