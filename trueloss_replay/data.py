@@ -282,6 +282,14 @@ def _slice(value: Any, part: slice) -> Any:
     return value[part]
 
 
+def _to_numpy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _to_numpy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_numpy(v) for v in value]
+    return np.asarray(value)
+
+
 def _unpack(element: Any, name: str) -> tuple[Any, Any, Any]:
     if isinstance(element, (tuple, list)) and len(element) in (2, 3):
         return element[0], element[1], element[2] if len(element) == 3 else None
@@ -311,8 +319,7 @@ class DatasetSplit(Split):
         first = next(iter(dataset), None)
         if first is None:
             raise DataError(f"{name} data is an empty tf.data.Dataset.")
-        x, y, sw = _unpack(first, name)
-        arrays = [np.asarray(a) for a in (x, y, sw)]
+        arrays = [None if a is None else _to_numpy(a) for a in _unpack(first, name)]
         self.fingerprint = {
             "kind": "tf.data",
             "cardinality": cardinality,
@@ -344,11 +351,11 @@ class PyDatasetSplit(Split):
         if length == 0:
             raise DataError(f"{name} data is an empty PyDataset.")
         self.length = length
-        x, y, sw = _unpack(dataset[0], name)
+        arrays = [None if a is None else _to_numpy(a) for a in _unpack(dataset[0], name)]
         self.fingerprint = {
             "kind": "PyDataset",
             "batches": length,
-            **{k: v for k, v in fingerprint_arrays(x, y, sw).items() if k != "count"},
+            **{k: v for k, v in fingerprint_arrays(*arrays).items() if k != "count"},
         }
 
     def num_batches(self, batch_size: int) -> int:

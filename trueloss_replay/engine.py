@@ -405,9 +405,11 @@ def result_path(output: Path, checkpoint_name: str) -> Path:
 
 
 def _reusable(path: Path, checkpoint: runfmt.Checkpoint, fingerprints: dict) -> dict | None:
+    from trueloss_replay.history import read_result
+
     try:
-        result = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        result = read_result(path)
+    except RunFormatError:
         return None
     if result.get("checkpoint_time") != checkpoint.time or result.get("data") != fingerprints:
         return None
@@ -483,7 +485,7 @@ def replay(
         >>> history = replay("runs/exp1")
         >>> history.history["loss"][-1], history.history["reported_loss"][-1]
     """
-    from trueloss_replay.history import build_history, export_history
+    from trueloss_replay.history import build_history, export_history, read_result
 
     run = runfmt.Run(run_dir)
     progress = progress or _Progress()
@@ -541,7 +543,13 @@ def replay(
             progress,
         )
 
-    ordered = [results[c.name] for c in checkpoints if c.name in results]
+    # Unselected checkpoints keep the results stored earlier, so the History covers the run.
+    for c in run.checkpoints():
+        stored = result_path(output, c.name)
+        if c.name not in results and c.name not in failures and stored.is_file():
+            with contextlib.suppress(RunFormatError):
+                results[c.name] = read_result(stored)
+    ordered = [results[c.name] for c in run.checkpoints() if c.name in results]
     _warn_mixed_data(ordered, run.path)
     history = build_history(ordered, run.manifest)
     if output == run.results_dir:

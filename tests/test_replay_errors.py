@@ -1,0 +1,162 @@
+"""Bad inputs to replay get one clear error naming the split, module, file or checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trueloss_replay import ReplayCheckpoint
+from trueloss_replay.engine import ReplayIncompleteError, parse_epochs, replay
+from trueloss_replay.errors import DataError, ModelLoadError
+
+from .conftest import build_model, make_data
+
+
+def _arrays(trained_run):
+    return trained_run.train, trained_run.val
+
+
+def test_infinite_dataset_is_refused(trained_run):
+    x, y = trained_run.train
+    infinite = tf.data.Dataset.from_tensor_slices((x, y)).batch(32).repeat()
+    with pytest.raises(DataError, match=r"train data is an infinite tf.data.Dataset"):
+        replay(trained_run.path, train=infinite, output=trained_run.path.parent / "x")
+
+
+def test_dataset_without_targets_is_refused(trained_run, tmp_path):
+    x, _ = trained_run.train
+    with pytest.raises(DataError, match=r"val data yields elements without targets"):
+        replay(
+            trained_run.path,
+            train=trained_run.train,
+            val=tf.data.Dataset.from_tensor_slices(x).batch(32),
+            output=tmp_path,
+        )
+
+
+def test_empty_split_is_refused(trained_run, tmp_path):
+    x, y = trained_run.val
+    with pytest.raises(DataError, match=r"val data is empty"):
+        replay(trained_run.path, train=trained_run.train, val=(x[:0], y[:0]), output=tmp_path)
+
+
+def test_shape_that_does_not_fit_the_model(trained_run, tmp_path):
+    x, y = trained_run.train
+    with pytest.raises(DataError, match=r"train data does not fit the model.*\(None, 8\)"):
+        replay(trained_run.path, train=(x[:, :5], y), output=tmp_path)
+    assert not list(tmp_path.glob("*.json")), "no result may be written for unfit data"
+
+
+def test_unimportable_data_module_names_module_and_path(trained_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=rf"cannot import module 'no_such_mod'.*{tmp_path}"):
+        replay(trained_run.path, data="no_such_mod:load", output=tmp_path / "out")
+
+
+def test_data_factory_from_current_directory(trained_run, tmp_path, monkeypatch):
+    np.savez(tmp_path / "train.npz", x=trained_run.train[0], y=trained_run.train[1])
+    (tmp_path / "mydata.py").write_text(
+        "import numpy as np\n"
+        "def load():\n"
+        "    d = np.load('train.npz')\n"
+        "    return {'train': (d['x'], d['y']), 'val': None}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    history = replay(trained_run.path, data="mydata:load", output=tmp_path / "out")
+    assert len(history.history["loss"]) == 3
+    assert "val_loss" not in history.history
+
+
+@pytest.mark.parametrize("kind", ["tf.data", "PyDataset", "npz"])
+def test_other_sources_give_the_array_figures(trained_run, tmp_path, kind):
+    x, y = trained_run.train
+    if kind == "tf.data":
+        source = tf.data.Dataset.from_tensor_slices((x, y)).batch(50)
+    elif kind == "PyDataset":
+
+        class Batches(keras.utils.PyDataset):
+            def __len__(self):
+                return 4
+
+            def __getitem__(self, i):
+                return x[i * 50 : (i + 1) * 50], y[i * 50 : (i + 1) * 50]
+
+        source = Batches()
+    else:
+        source = tmp_path / "train.npz"
+        np.savez(source, x=x, y=y)
+    expected = replay(trained_run.path, train=(x, y), output=tmp_path / "arrays")
+    got = replay(trained_run.path, train=source, output=tmp_path / "other")
+    np.testing.assert_allclose(got.history["loss"], expected.history["loss"], rtol=1e-6)
+    np.testing.assert_allclose(got.history["accuracy"], expected.history["accuracy"], rtol=1e-6)
+
+
+def test_unreadable_checkpoint_is_reported_and_the_others_evaluated(run_copy):
+    bad = run_copy / "checkpoints" / "e0002.h5"
+    bad.write_bytes(b"not an hdf5 file")
+    with pytest.raises(ReplayIncompleteError, match=r"e0002.h5") as caught:
+        replay(run_copy)
+    done = sorted(p.name for p in (run_copy / "replay" / "results").glob("e*.json"))
+    assert done == ["e0000.json", "e0001.json", "e0003.json"]
+    assert list(caught.value.failures) == ["e0002.h5"]
+
+
+def test_checkpoint_of_another_model_names_the_variable(run_copy):
+    path = run_copy / "checkpoints" / "e0001.h5"
+    with h5py.File(path, "a") as f:
+        name = next(iter(f["weights"]))  # the first layer group
+        del f["weights"][name]
+    with pytest.raises(ReplayIncompleteError, match=r"e0001.h5 has no variable"):
+        replay(run_copy)
+
+
+def test_result_written_for_other_data_is_recomputed(run_copy):
+    replay(run_copy)
+    x, y = make_data(seed=5)
+    with pytest.warns(UserWarning, match="different data"):
+        replay(run_copy, train=(x, y), epochs="1")
+    results = run_copy / "replay" / "results"
+    first = json.loads((results / "e0001.json").read_text())
+    assert first["examples"]["train"] == len(x)
+
+
+def test_run_without_architecture_needs_a_builder(run_copy):
+    manifest = json.loads((run_copy / "manifest.json").read_text())
+    manifest["model"] = None
+    (run_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelLoadError, match=r"--model MODULE:FUNCTION"):
+        replay(run_copy)
+    history = replay(run_copy, model=build_model)
+    assert len(history.history["loss"]) == 3
+
+
+def test_lambda_layer_needs_unsafe_deserialization(tmp_path):
+    x, y = make_data(n=64)
+    model = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Lambda(lambda t: t * 2.0), keras.layers.Dense(3)]
+    )
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[ReplayCheckpoint(tmp_path, train_data=(x, y))])
+    with pytest.raises(ModelLoadError, match=r"--unsafe-deserialization"):
+        replay(tmp_path)
+    history = replay(tmp_path, unsafe_deserialization=True)
+    assert np.isfinite(history.history["loss"][0])
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [("1,3,5-7", {1, 3, 5, 6, 7}), ("0", {0}), (" 2 , 4-4 ", {2, 4}), ([1, 2], {1, 2})],
+)
+def test_parse_epochs(spec, expected):
+    assert parse_epochs(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["a", "3-1", "1,,x"])
+def test_parse_epochs_rejects(spec):
+    with pytest.raises(DataError, match="--epochs"):
+        parse_epochs(spec)
