@@ -172,3 +172,19 @@ def test_figures_identical_with_and_without_xla(single_run, tmp_path):
         for split in ("train", "val"):
             for key, value in plain[name][split].items():
                 np.testing.assert_allclose(xla[name][split][key], value, rtol=1e-6)
+
+
+def test_step_is_traced_once_per_shape_across_checkpoints(trained_run):
+    from trueloss_replay.data import ArraySplit
+    from trueloss_replay.engine import Evaluator, load_model
+    from trueloss_replay.run import Run, read_weights
+
+    run = Run(trained_run.path)
+    evaluator = Evaluator(load_model(run), jit_compile=True)
+    split = ArraySplit("train", *trained_run.train)  # 180 examples: batches of 50 and of 30
+    traces = []
+    for checkpoint in run.checkpoints():
+        evaluator.load(read_weights(checkpoint.path), checkpoint.name)
+        evaluator.evaluate(split, 50)
+        traces.append(evaluator.traces)
+    assert traces == [2] * len(run.checkpoints())

@@ -259,6 +259,7 @@ class ArraySplit(Split):
                 f"({sorted(lengths)}); they must all have the same first dimension."
             )
         self.count = lengths.pop()
+        self.nbytes = sum(a.nbytes for a in flatten(x) + flatten(y) + flatten(sample_weight))
         if self.count == 0:
             raise DataError(f"{name} data is empty; replay needs at least one example.")
         self.fingerprint = {"kind": "arrays", **fingerprint_arrays(x, y, sample_weight)}

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from trueloss_replay import run as runfmt
-from trueloss_replay.data import Split, import_reference, resolve_splits
+from trueloss_replay.data import ArraySplit, Split, import_reference, resolve_splits
 from trueloss_replay.errors import (
     DataError,
     ModelLoadError,
@@ -43,6 +43,9 @@ from trueloss_replay.errors import (
 
 RESULT_FORMAT = "trueloss-replay/result"
 DEFAULT_BATCH_SIZE = 2048
+# Array data up to this size is kept on each device for the whole replay; larger data is
+# streamed from host memory batch by batch.
+DEVICE_CACHE_BYTES = 2 * 1024**3
 
 
 class ReplayIncompleteError(RunFormatError):
@@ -178,6 +181,7 @@ class Evaluator:
         self._built = False
         self._tracked: list[Any] = []
         self._state: list[Any] = []
+        self._device_data: dict[str, Any] = {}
 
     # --- public
 
@@ -200,7 +204,7 @@ class Evaluator:
         state_sums: list[np.ndarray] | None = None
         pending: list[tuple[int, Any]] = []
         with tf.device(self.device):
-            for x, y, sw in split.batches(batch_size):
+            for x, y, sw in self._batches(split, batch_size):
                 if _batch_length(x) == 0:
                     continue
                 if not self._built:
@@ -228,6 +232,23 @@ class Evaluator:
         return figures, count
 
     # --- internals
+
+    def _batches(self, split: Split, batch_size: int):
+        """Array data is copied to the device once and sliced there for every checkpoint."""
+        import tensorflow as tf
+
+        if not isinstance(split, ArraySplit) or split.nbytes > DEVICE_CACHE_BYTES:
+            yield from split.batches(batch_size)
+            return
+        cached = self._device_data.get(split.name)
+        if cached is None or cached[0] is not split:
+            arrays = tuple(
+                _map(tf.convert_to_tensor, v) for v in (split.x, split.y, split.sample_weight)
+            )
+            cached = self._device_data[split.name] = (split, arrays)
+        for start in range(0, split.count, batch_size):
+            part = slice(start, start + batch_size)
+            yield tuple(_slice_any(v, part) for v in cached[1])
 
     def _build(self, x, y, sw, split_name: str) -> None:
         import tensorflow as tf
@@ -291,6 +312,16 @@ class Evaluator:
             else:
                 results[metric.name] = float(np.asarray(value))
         return results
+
+
+def _map(fn: Callable, value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return {k: _map(fn, v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map(fn, v) for v in value)
+    return fn(value)
 
 
 def _batch_length(x: Any) -> int:
