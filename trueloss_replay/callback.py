@@ -87,18 +87,18 @@ class ReplayCheckpoint(keras.callbacks.Callback):
         save_model: bool = True,
     ):
         super().__init__()
-        if save_freq != "epoch" and not (isinstance(save_freq, int) and save_freq > 0):
+        if save_freq != "epoch" and not _positive_int(save_freq):
             raise ValueError(
                 f"save_freq must be 'epoch' or a positive int. Received: {save_freq!r}"
             )
         for name, value in (("keep", keep), ("keep_every", keep_every)):
-            if value is not None and not (isinstance(value, int) and value > 0):
+            if value is not None and not _positive_int(value):
                 raise ValueError(f"{name} must be None or a positive int. Received: {value!r}")
         if keep_every is not None and keep is None:
             raise ValueError("keep_every only matters with keep=N; pass keep as well.")
         if on_error not in ("warn", "raise"):
             raise ValueError(f"on_error must be 'warn' or 'raise'. Received: {on_error!r}")
-        if not (isinstance(max_pending, int) and max_pending > 0):
+        if not _positive_int(max_pending):
             raise ValueError(f"max_pending must be a positive int. Received: {max_pending!r}")
         self.run_dir = Path(run_dir)
         self.save_freq = save_freq
@@ -129,6 +129,7 @@ class ReplayCheckpoint(keras.callbacks.Callback):
         self._step = 0
         self._epoch_start_step = 0
         self._epoch = 0
+        self._last_within: tuple[str | None, int | None] = (None, None)
         atexit.register(_mark_failed_at_exit, weakref.ref(self))
 
     # ------------------------------------------------------------------ Keras hooks
@@ -140,30 +141,42 @@ class ReplayCheckpoint(keras.callbacks.Callback):
         self._active = _is_chief(self.model)
         self._started = False
         self._errors = []
+        self._last_within = (None, None)
         iterations = getattr(getattr(self.model, "optimizer", None), "iterations", None)
         self._step = int(np.asarray(iterations)) if iterations is not None else 0
 
     def on_epoch_begin(self, epoch, logs=None):
         if not self._active:
             return
-        if not self._started:
-            self._start(initial_epoch=epoch)
         self._epoch = epoch
         self._epoch_start_step = self._step
+        # A model built lazily (a subclassed model without build()) has no weights until
+        # fit() traces its first step: start at the first batch end instead.
+        if not self._started and self.model.weights:
+            self._start(initial_epoch=epoch)
 
     def on_train_batch_end(self, batch, logs=None):
         if not self._active:
             return
+        if not self._started:
+            self._start_late()
         step = self._epoch_start_step + batch + 1
         last_of_epoch = (self.params or {}).get("steps") == batch + 1  # on_epoch_end saves it
         due = self.save_freq != "epoch" and step // self.save_freq > self._step // self.save_freq
         if due and not last_of_epoch:
             self._snapshot(self._epoch, step, logs, within_epoch=True)
+            self._last_within = (runfmt.checkpoint_name(self._epoch, step), step)
         self._step = step
 
     def on_epoch_end(self, epoch, logs=None):
         if not self._active:
             return
+        if not self._started:
+            self._start_late()
+        if self._last_within[1] == self._step:
+            # Steps per epoch unknown (params["steps"] is None): the epoch's last step was
+            # saved as a sub-epoch checkpoint; the epoch-end one replaces it.
+            self._queue.put(("remove", self._last_within[0]))
         self._snapshot(epoch + 1, self._step, logs)
         self._raise_pending()
 
@@ -175,7 +188,18 @@ class ReplayCheckpoint(keras.callbacks.Callback):
 
     # ------------------------------------------------------------------ start and finish
 
-    def _start(self, initial_epoch: int) -> None:
+    def _start_late(self) -> None:
+        if self.save_initial and self._epoch == 0:
+            warnings.warn(
+                f"trueloss-replay: {type(self.model).__name__} had no weights before its first "
+                "training step (it is built on its first batch), so the weights before "
+                "training (e0000.h5) cannot be stored. Build the model before fit(), e.g. "
+                "model(x[:1]) or model.build(input_shape), to have them.",
+                stacklevel=3,
+            )
+        self._start(initial_epoch=self._epoch, save_initial=False)
+
+    def _start(self, initial_epoch: int, save_initial: bool = True) -> None:
         signature = runfmt.model_signature(self.model)
         manifest_path = self.run_dir / runfmt.MANIFEST
         existing = None
@@ -226,7 +250,7 @@ class ReplayCheckpoint(keras.callbacks.Callback):
         for split, arrays in self.splits.items():
             rel = f"{runfmt.DATA_DIR}/{split}.h5"
             self._queue.put(("data", rel, arrays))
-        if self.save_initial and initial_epoch == 0:
+        if save_initial and self.save_initial and initial_epoch == 0:
             self._snapshot(0, self._step, {})
 
     def _existing_run(self, signature, initial_epoch: int) -> dict[str, Any] | None:
@@ -241,7 +265,7 @@ class ReplayCheckpoint(keras.callbacks.Callback):
             ) from e
         if self.overwrite:
             return None
-        if manifest.get("variables") != signature:
+        if not _same_variables(manifest.get("variables"), signature):
             raise RunExistsError(
                 f"run folder {self.run_dir} holds a run of a different model (its variables "
                 "differ from this model's). Pass overwrite=True to replace it, or choose "
@@ -307,6 +331,9 @@ class ReplayCheckpoint(keras.callbacks.Callback):
             self._writer.join()
         self._writer = self._queue = None
         self._running = False
+        if self.on_error == "raise" and self._errors:
+            # A write failed during the last epoch: fit() is about to raise, so not "finished".
+            status = "failed"
         with self._lock:
             self._manifest["status"] = status
             self._manifest["finished"] = time.time()
@@ -335,6 +362,8 @@ class ReplayCheckpoint(keras.callbacks.Callback):
             try:
                 if job[0] == "checkpoint":
                     self._write_checkpoint(*job[1:])
+                elif job[0] == "remove":
+                    self._remove_checkpoint(job[1])
                 else:
                     self._write_data(*job[1:])
             except Exception as e:  # noqa: BLE001 - reported to the training thread
@@ -345,6 +374,12 @@ class ReplayCheckpoint(keras.callbacks.Callback):
         with self._lock:
             self._entries[name] = {"name": name, **meta}
             self._prune()
+        self._write_manifest()
+
+    def _remove_checkpoint(self, name) -> None:
+        with self._lock:
+            self._entries.pop(name, None)
+        runfmt.remove_path(self.run_dir / runfmt.CHECKPOINT_DIR / name)
         self._write_manifest()
 
     def _write_data(self, rel, arrays) -> None:
@@ -418,6 +453,24 @@ def _check_writable(run_dir: Path) -> None:
         ) from e
     if (run_dir / runfmt.MANIFEST).is_dir():
         raise RunWriteError(f"{run_dir / runfmt.MANIFEST} is a folder; choose another run folder.")
+
+
+def _same_variables(stored, signature) -> bool:
+    # A model rebuilt in the same process gets other auto-generated layer names (dense_2 for
+    # dense) but is the same model; run.match_weights loads such checkpoints by position.
+    return (
+        isinstance(stored, list)
+        and len(stored) == len(signature)
+        and all(
+            runfmt._same_structure(a[0], b[0]) and list(a[1:]) == list(b[1:])
+            for a, b in zip(stored, signature, strict=True)
+        )
+    )
+
+
+def _positive_int(value) -> bool:
+    # bool is an int subclass, but keep=True or save_freq=True is a mistake, not 1.
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _mark_failed_at_exit(ref) -> None:
