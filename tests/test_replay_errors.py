@@ -160,3 +160,34 @@ def test_parse_epochs(spec, expected):
 def test_parse_epochs_rejects(spec):
     with pytest.raises(DataError, match="--epochs"):
         parse_epochs(spec)
+
+
+CUSTOM_LAYER = """
+import keras
+
+@keras.saving.register_keras_serializable(package="tlr_test")
+class Scale(keras.layers.Layer):
+    def call(self, x):
+        return 2.0 * x
+"""
+
+
+def test_missing_custom_object_suggests_import(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    (tmp_path / "tlr_custom.py").write_text(CUSTOM_LAYER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("tlr_custom")
+    x, y = make_data(n=64)
+    model = keras.Sequential([keras.Input((8,)), module.Scale(), keras.layers.Dense(3)])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    run = tmp_path / "run"
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[ReplayCheckpoint(run, train_data=(x, y))])
+    # As in a fresh process: the class is neither imported nor registered.
+    keras.saving.get_custom_objects().pop("tlr_test>Scale")
+    monkeypatch.delitem(sys.modules, "tlr_custom")
+    with pytest.raises(ModelLoadError, match=r"Scale.*--import MODULE"):
+        replay(run)
+    history = replay(run, imports=["tlr_custom"])
+    assert np.isfinite(history.history["loss"][0])

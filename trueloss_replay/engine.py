@@ -136,25 +136,45 @@ def _explain_load_error(path: Path, error: Exception) -> str:
             f"{path} contains a layer that can run arbitrary code (e.g. Lambda); loading it "
             "needs --unsafe-deserialization (only for run folders you trust)."
         )
-    for marker in ("Could not locate", "Unknown", "not found", "could not be deserialized"):
-        if marker in text:
-            name = _quoted_name(text)
-            return (
-                f"{path} uses a custom object{f' {name!r}' if name else ''} that is not "
-                "registered; pass --import MODULE for the module that defines it (decorated "
-                "with @keras.saving.register_keras_serializable)."
-            )
+    missing = _unregistered_objects(path)
+    if missing:
+        return (
+            f"{path} uses the custom object {missing[0]!r}, which is not registered in this "
+            "process; pass --import MODULE for the module that defines it (decorated with "
+            "@keras.saving.register_keras_serializable)."
+        )
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
     return f"cannot load the model from {path}: {first[:300]}"
 
 
-def _quoted_name(text: str) -> str | None:
-    for quote in ("'", '"'):
-        start = text.find(quote)
-        end = text.find(quote, start + 1)
-        if start >= 0 and end > start:
-            return text[start + 1 : end]
-    return None
+def _unregistered_objects(path: Path) -> list[str]:
+    """The ``registered_name``s in a .keras file's config that Keras cannot resolve now."""
+    import zipfile
+
+    import keras
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return []
+    names: list[str] = []
+
+    def visit(node: Any) -> None:
+        if isinstance(node, dict):
+            name = node.get("registered_name")
+            # Custom objects register as "package>Name"; built-ins carry bare names.
+            custom = isinstance(name, str) and ">" in name
+            if custom and keras.saving.get_registered_object(name) is None:
+                names.append(name)
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, list):
+            for value in node:
+                visit(value)
+
+    visit(config)
+    return names
 
 
 # --------------------------------------------------------------------------- evaluator
