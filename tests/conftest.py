@@ -85,3 +85,66 @@ def run_copy(trained_run, tmp_path) -> Path:
     target = tmp_path / "run"
     shutil.copytree(trained_run.path, target)
     return target
+
+
+@pytest.fixture(scope="session")
+def replay_results(trained_run) -> dict[str, dict]:
+    """Result dicts for every checkpoint of the shared run, computed with Keras itself.
+
+    ``model.evaluate`` on the whole set in one batch gives data loss + penalty; the penalty
+    is ``sum(model.losses)`` (weight penalties only in build_model), so the data loss is the
+    difference. Independent of the replay engine, for the tests of what reads results.
+    """
+    import warnings
+
+    from trueloss_replay.data import load_arrays
+    from trueloss_replay.run import Run, load_weights
+
+    run = Run(trained_run.path)
+    with warnings.catch_warnings():  # the optimizer's variables are not in model.keras
+        warnings.simplefilter("ignore")
+        model = keras.saving.load_model(run.path / "model.keras")
+    splits = {name: load_arrays(run.path / "data" / f"{name}.h5") for name in ("train", "val")}
+    results = {}
+    for checkpoint in run.checkpoints():
+        load_weights(model, checkpoint.path)
+        penalty = float(sum(float(loss) for loss in model.losses))
+        figures = {}
+        for name, (x, y, _) in splits.items():
+            logs = model.evaluate(x, y, batch_size=len(x), verbose=0, return_dict=True)
+            figures[name] = {
+                "loss": logs["loss"] - penalty,
+                "regularization_loss": penalty,
+                "accuracy": logs["accuracy"],
+            }
+        results[checkpoint.name] = {
+            "format": "trueloss-replay/result",
+            "version": 1,
+            "checkpoint": checkpoint.name,
+            "epoch": checkpoint.epoch,
+            "step": checkpoint.step,
+            "epoch_end": checkpoint.is_epoch_end,
+            "checkpoint_time": checkpoint.time,
+            "train": figures["train"],
+            "val": figures["val"],
+            "reported": checkpoint.logs,
+            "examples": {name: len(arrays[0]) for name, arrays in splits.items()},
+            "data": {},
+            "batch_size": 2048,
+            "device": "/CPU:0",
+            "seconds": 0.0,
+            "evaluated": 0.0,
+        }
+    return results
+
+
+@pytest.fixture
+def replayed_run(run_copy, replay_results) -> Path:
+    """A private copy of the shared run with a result file for every checkpoint."""
+    import json
+
+    folder = run_copy / "replay" / "results"
+    folder.mkdir(parents=True)
+    for name, result in replay_results.items():
+        (folder / (Path(name).stem + ".json")).write_text(json.dumps(result), encoding="utf-8")
+    return run_copy

@@ -10,6 +10,8 @@ from trueloss_replay.errors import (
     RunWriteError,
     TruelossReplayError,
 )
+from trueloss_replay.history import load_frame, load_history
+from trueloss_replay.plot import plot_history
 from trueloss_replay.run import Run, load_weights
 
 __all__ = [
@@ -22,5 +24,8 @@ __all__ = [
     "RunFormatError",
     "RunWriteError",
     "TruelossReplayError",
+    "load_frame",
+    "load_history",
     "load_weights",
+    "plot_history",
 ]

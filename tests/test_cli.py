@@ -1,0 +1,292 @@
+"""The history, plot, inspect and export commands, through Click's CliRunner."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import h5py
+import pytest
+from click.testing import CliRunner
+
+from tests.conftest import EPOCHS
+from trueloss_replay.cli import main
+from trueloss_replay.errors import RunFormatError
+from trueloss_replay.history import read_json
+
+COMMANDS = ["history", "plot", "inspect", "export"]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def expected(replay_results, split: str, key: str) -> list[float]:
+    return [replay_results[f"e{e:04d}.h5"][split][key] for e in range(1, EPOCHS + 1)]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_with_an_example(command):
+    result = invoke(command, "--help")
+
+    assert result.exit_code == 0, result.output
+    assert "Example:" in result.output
+    assert f"trueloss-replay {command} runs/exp1" in result.output
+
+
+# --------------------------------------------------------------------------- history
+
+
+def test_history_table(replayed_run, replay_results):
+    result = invoke("history", replayed_run)
+
+    assert result.exit_code == 0, result.output
+    assert "regularization_loss" in result.output
+    assert "reported_val_loss" in result.output
+    assert f"{expected(replay_results, 'train', 'loss')[-1]:.4f}" in result.output
+
+
+def test_history_csv_to_stdout(replayed_run, replay_results):
+    result = invoke("history", replayed_run, "--format", "csv")
+
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.output)))
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"]
+    assert [float(r["loss"]) for r in rows] == expected(replay_results, "train", "loss")
+    assert [float(r["val_accuracy"]) for r in rows] == expected(replay_results, "val", "accuracy")
+
+
+def test_history_json_file_from_the_suffix(replayed_run, replay_results, tmp_path):
+    path = tmp_path / "true.json"
+
+    result = invoke("history", replayed_run, "-o", path)
+
+    assert result.exit_code == 0, result.output
+    assert result.output == f"wrote {path}\n"
+    assert read_json(path).history["loss"] == expected(replay_results, "train", "loss")
+
+
+def test_history_full_lists_every_checkpoint(replayed_run):
+    result = invoke("history", replayed_run, "--full", "--format", "csv")
+
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.output)))
+    assert [r["checkpoint"] for r in rows] == [f"e{e:04d}.h5" for e in range(EPOCHS + 1)]
+
+
+def test_history_of_a_run_not_replayed_fails_on_one_line(run_copy):
+    result = invoke("history", run_copy)
+
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: ")
+    assert "holds no replay results. Run `trueloss-replay replay" in result.output
+    assert result.output.count("\n") == 1
+    assert "Traceback" not in result.output
+
+
+def test_debug_shows_the_exception(run_copy):
+    result = invoke("--debug", "history", run_copy)
+
+    assert result.exit_code == 1
+    assert isinstance(result.exception, RunFormatError)
+
+
+def test_history_of_a_damaged_result_names_it(replayed_run):
+    (replayed_run / "replay" / "results" / "e0002.json").write_text("{")
+
+    result = invoke("history", replayed_run)
+
+    assert result.exit_code == 1
+    assert "e0002.json cannot be read" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--format", "xml"], "Invalid value for '--format'"),
+        (["-o", "history.txt"], "cannot tell the format of 'history.txt'"),
+        (["--format", "table", "-o", "h.csv"], "--format table prints to the terminal"),
+    ],
+)
+def test_history_usage_errors(replayed_run, args, message):
+    result = invoke("history", replayed_run, *args)
+
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_missing_run_folder_is_a_usage_error(tmp_path):
+    result = invoke("history", tmp_path / "nowhere")
+
+    assert result.exit_code == 2
+    assert "does not exist" in result.output
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def test_plot_writes_curves_png_by_default(replayed_run):
+    result = invoke("plot", replayed_run)
+
+    path = replayed_run / "replay" / "curves.png"
+    assert result.exit_code == 0, result.output
+    assert result.output == f"wrote {path}\n"
+    assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_plot_warns_about_epochs_not_replayed(replayed_run):
+    (replayed_run / "replay" / "results" / "e0002.json").unlink()
+
+    result = invoke("plot", replayed_run)
+
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("Warning: trueloss-replay: loss, accuracy, ")
+    assert result.output.count("Warning:") == 1
+
+
+def test_plot_svg_with_one_metric(replayed_run, tmp_path):
+    path = tmp_path / "loss.svg"
+
+    result = invoke("plot", replayed_run, "-o", path, "--metric", "loss")
+
+    assert result.exit_code == 0, result.output
+    svg = path.read_text()
+    assert "train (true)" in svg
+    assert "accuracy" not in svg
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--metric", "f1"], "Invalid value for '--metric': the History has no 'f1' to plot"),
+        (["-o", "curves.gif"], "Invalid value for '-o': cannot save a figure as 'curves.gif'"),
+    ],
+)
+def test_plot_usage_errors(replayed_run, args, message):
+    result = invoke("plot", replayed_run, *args)
+
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+
+
+def test_plot_of_a_run_not_replayed_fails(run_copy):
+    result = invoke("plot", run_copy)
+
+    assert result.exit_code == 1
+    assert "holds no replay results" in result.output
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def test_inspect_shows_manifest_and_checkpoints(replayed_run, trained_run):
+    (replayed_run / "replay" / "results" / "e0003.json").unlink()
+
+    result = invoke("inspect", replayed_run)
+
+    assert result.exit_code == 0, result.output
+    assert "finished" in result.output
+    assert "keras 3." in result.output
+    assert f"{EPOCHS} of {EPOCHS + 1} checkpoints" in result.output
+    rows = [line for line in result.output.splitlines() if line.startswith("│")]
+    lines = {line.split()[1]: line for line in rows}
+    assert set(lines) == {f"e{e:04d}.h5" for e in range(EPOCHS + 1)}
+    assert lines["e0002.h5"].split()[-2] == "yes"
+    assert lines["e0003.h5"].split()[-2] == "no"
+    assert f"{trained_run.history.history['loss'][-1]:.4f}" in lines["e0003.h5"]
+
+
+def test_inspect_verify_passes_on_a_good_run(replayed_run):
+    result = invoke("inspect", replayed_run, "--verify")
+
+    assert result.exit_code == 0, result.output
+    assert f"all {EPOCHS + 1} checkpoints verified." in result.output
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def drop_a_variable(path):
+    with h5py.File(path, "a") as f:
+        del f["weights/sequential/dense_1/bias"]
+
+
+@pytest.mark.parametrize("damage", [truncate, drop_a_variable])
+def test_inspect_verify_names_a_damaged_checkpoint(replayed_run, damage):
+    damage(replayed_run / "checkpoints" / "e0002.h5")
+
+    result = invoke("inspect", replayed_run, "--verify")
+
+    assert result.exit_code == 1
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith(f"Error: 1 of {EPOCHS + 1} checkpoints failed verification: e0002.h5")
+
+
+def test_inspect_without_verify_marks_an_unreadable_checkpoint(replayed_run):
+    truncate(replayed_run / "checkpoints" / "e0002.h5")
+
+    result = invoke("inspect", replayed_run)
+
+    assert result.exit_code == 0, result.output
+    assert "e0002.h5 (unreadable)" in result.output
+
+
+def test_inspect_a_folder_that_is_not_a_run(tmp_path):
+    result = invoke("inspect", tmp_path)
+
+    assert result.exit_code == 1
+    assert f"{tmp_path} has no manifest.json; it is not a trueloss-replay run folder" in (
+        " ".join(result.output.split())
+    )
+
+
+# --------------------------------------------------------------------------- export
+
+
+def read_scalars(logdir) -> dict[str, dict[int, float]]:
+    import tensorflow as tf
+
+    scalars: dict[str, dict[int, float]] = {}
+    for path in logdir.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                assert value.metadata.plugin_data.plugin_name == "scalars"
+                scalars.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
+    return scalars
+
+
+def test_export_tensorboard_scalars(replayed_run, replay_results, trained_run, tmp_path):
+    (replayed_run / "replay" / "results" / "e0002.json").unlink()
+    logdir = tmp_path / "logs"
+
+    result = invoke("export", replayed_run, "--tensorboard", logdir)
+
+    assert result.exit_code == 0, result.output
+    scalars = read_scalars(logdir)
+    assert {"true/loss", "true/val_loss", "true/accuracy", "true/regularization_loss"} <= set(
+        scalars
+    )
+    loss = expected(replay_results, "train", "loss")
+    assert set(scalars["true/loss"]) == {0, 2}  # epoch 2 is not replayed: no point
+    for step in (0, 2):
+        assert scalars["true/loss"][step] == pytest.approx(loss[step], rel=1e-6)
+        val = expected(replay_results, "val", "loss")[step]
+        assert scalars["true/val_loss"][step] == pytest.approx(val, rel=1e-6)
+    reported = trained_run.history.history["loss"]
+    assert [scalars["reported/loss"][s] for s in range(EPOCHS)] == pytest.approx(reported)
+
+
+def test_export_needs_a_target(replayed_run):
+    result = invoke("export", replayed_run)
+
+    assert result.exit_code == 2
+    assert "Missing option '--tensorboard'" in result.output
+
+
+def test_export_of_a_run_not_replayed_fails(run_copy, tmp_path):
+    result = invoke("export", run_copy, "--tensorboard", tmp_path / "logs")
+
+    assert result.exit_code == 1
+    assert "holds no replay results" in result.output

@@ -1,0 +1,309 @@
+"""The ``trueloss-replay`` command line: each command parses options, calls one library
+function and prints the result.
+
+Library errors (``TruelossReplayError``) become one-line ``click.ClickException`` messages
+(exit 1); ``--debug`` shows the traceback instead. Usage errors exit 2, as Click does.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import click
+
+from trueloss_replay.errors import TruelossReplayError
+
+_PATH = click.Path(path_type=Path)
+_RUN_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
+
+
+class _Group(click.Group):
+    """Turns library errors into one-line messages unless ``--debug`` asks for tracebacks."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except TruelossReplayError as e:
+            if ctx.params.get("debug"):
+                raise
+            raise click.ClickException(" ".join(str(e).split())) from e
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="trueloss-replay")
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+def main(debug: bool) -> None:
+    """Replay Keras checkpoints in inference mode and rebuild the true-loss History.
+
+    \b
+    Example:
+        trueloss-replay history runs/exp1
+    """
+
+
+_output_option = click.option(
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="The results folder given to `replay --output` (default RUN_DIR/replay/results).",
+)
+
+
+# --------------------------------------------------------------------------- history
+
+
+@main.command()
+@click.argument("run_dir", type=_RUN_DIR)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default=None,
+    help="Output format (default: from the -o suffix, else table).",
+)
+@click.option("-o", "--out", "out", type=_PATH, help="Write to this file instead of printing.")
+@click.option(
+    "--full", is_flag=True, help="One row per checkpoint (initial, sub-epoch), not per epoch."
+)
+@_output_option
+def history(run_dir: Path, fmt: str | None, out: Path | None, full: bool, output: Path | None):
+    """Show the true-loss History of a replayed run.
+
+    \b
+    Example:
+        trueloss-replay history runs/exp1
+        trueloss-replay history runs/exp1 -o true_history.csv
+    """
+    from trueloss_replay import history as hist
+
+    if fmt is None:
+        fmt = {".csv": "csv", ".json": "json"}.get(out.suffix.lower(), None) if out else "table"
+        if fmt is None:
+            raise click.BadParameter(
+                f"cannot tell the format of {out.name!r}; name it .csv or .json, or pass --format.",
+                param_hint="'-o'",
+            )
+    if fmt == "table" and out is not None:
+        raise click.UsageError("--format table prints to the terminal; use csv or json with -o.")
+    if full and fmt == "json":
+        raise click.UsageError("--full works with --format table or csv.")
+
+    table = hist.load_frame(run_dir, output) if full else hist.load_history(run_dir, output)
+    if fmt == "table":
+        _print(_frame_table(table) if full else _history_table(table))
+    elif out is not None:
+        (hist.write_csv if fmt == "csv" else hist.write_json)(table, out)
+        click.echo(f"wrote {out}")
+    else:
+        click.echo(hist.format_csv(table) if fmt == "csv" else hist.format_json(table), nl=False)
+
+
+def _number(value) -> str:
+    value = float(value)
+    return "–" if math.isnan(value) else f"{value:.4f}"
+
+
+def _history_table(history):
+    from rich.table import Table
+
+    keys = list(history.history)
+    table = Table(title="true-loss History", title_justify="left")
+    table.add_column("epoch", justify="right")
+    for key in keys:
+        table.add_column(key, justify="right")
+    for index, epoch in enumerate(history.epoch):
+        table.add_row(str(epoch + 1), *(_number(history.history[k][index]) for k in keys))
+    return table
+
+
+def _frame_table(frame):
+    from rich.table import Table
+
+    table = Table(title="true-loss figures per checkpoint", title_justify="left")
+    for column in frame.columns:
+        table.add_column(column, justify="left" if column == "checkpoint" else "right")
+    for row in frame.itertuples(index=False):
+        name, epochs, step, *values = row
+        step = "–" if step is None or step != step else str(int(step))
+        table.add_row(name, f"{epochs:.3f}", step, *(_number(v) for v in values))
+    return table
+
+
+def _print(renderable) -> None:
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:  # a pipe or file: do not squeeze wide tables to 80 columns
+        console = Console(width=200)
+    console.print(renderable)
+
+
+# --------------------------------------------------------------------------- plot
+
+
+@main.command()
+@click.argument("run_dir", type=_RUN_DIR)
+@click.option(
+    "-o",
+    "--out",
+    "out",
+    type=_PATH,
+    default=None,
+    help="Figure file, .png, .svg or .pdf (default RUN_DIR/replay/curves.png).",
+)
+@click.option(
+    "--metric",
+    "metrics",
+    multiple=True,
+    metavar="NAME",
+    help="A quantity to plot (loss, accuracy ...); repeat for several. Default: all.",
+)
+@_output_option
+def plot(run_dir: Path, out: Path | None, metrics: tuple[str, ...], output: Path | None):
+    """Plot the true, validation and reported curves of a replayed run.
+
+    \b
+    Example:
+        trueloss-replay plot runs/exp1
+        trueloss-replay plot runs/exp1 -o loss.svg --metric loss
+    """
+    from trueloss_replay.plot import PlotError, plot_run
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            path = plot_run(run_dir, out, list(metrics) or None, output)
+    except PlotError as e:
+        hint = "'--metric'" if metrics and "to plot" in str(e) else "'-o'"
+        raise click.BadParameter(str(e), param_hint=hint) from e
+    for warning in caught:  # one line each, without Python's source-line decoration
+        click.echo(f"Warning: {warning.message}", err=True)
+    click.echo(f"wrote {path}")
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+@main.command()
+@click.argument("run_dir", type=_RUN_DIR)
+@click.option(
+    "--verify", is_flag=True, help="Read every checkpoint in full; exit 1 if one is damaged."
+)
+@_output_option
+def inspect(run_dir: Path, verify: bool, output: Path | None):
+    """Show a run's manifest and checkpoints, and which are replayed.
+
+    \b
+    Example:
+        trueloss-replay inspect runs/exp1 --verify
+    """
+    from trueloss_replay.history import describe_run
+
+    description = describe_run(run_dir, output, verify=verify)
+    _print(_run_summary(description))
+    _print(_checkpoint_table(description))
+    problems = description.problems
+    if verify and problems:
+        names = "; ".join(f"{c.name}: {' '.join(c.error.split())}" for c in problems)
+        raise click.ClickException(
+            f"{len(problems)} of {len(description.checkpoints)} checkpoints failed "
+            f"verification: {names}"
+        )
+    if verify:
+        click.echo(f"all {len(description.checkpoints)} checkpoints verified.")
+
+
+def _run_summary(description):
+    from rich.table import Table
+
+    manifest = description.manifest
+    params = manifest.get("params") or {}
+    data = manifest.get("data") or ", ".join(
+        f"{k}: {v}" for k, v in (manifest.get("data_files") or {}).items()
+    )
+    rows = [
+        ("run", str(description.path)),
+        ("status", str(manifest.get("status", "unknown"))),
+        (
+            "versions",
+            f"keras {manifest.get('keras_version', '?')}, "
+            f"tensorflow {manifest.get('tensorflow_version', '?')}, "
+            f"backend {manifest.get('backend', '?')}",
+        ),
+        ("model", f"{manifest.get('model') or 'none'} ({manifest.get('model_class', '?')})"),
+        ("data", data or "none"),
+        ("params", ", ".join(f"{k}={v}" for k, v in params.items()) or "none"),
+        (
+            "replayed",
+            f"{sum(c.replayed for c in description.checkpoints)} of "
+            f"{len(description.checkpoints)} checkpoints",
+        ),
+    ]
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def _checkpoint_table(description):
+    from rich.table import Table
+
+    table = Table(title="checkpoints", title_justify="left")
+    for name in ("checkpoint", "epoch", "step", "size", "reported loss", "replayed"):
+        table.add_column(name, justify="left" if name == "checkpoint" else "right")
+    if description.verified:
+        table.add_column("verified", justify="left")
+    for c in description.checkpoints:
+        cells = [
+            c.name,
+            str(c.epoch),
+            "–" if c.step is None else str(c.step),
+            "–" if c.size is None else _size(c.size),
+            _number(c.reported_loss),
+            "yes" if c.replayed else "no",
+        ]
+        if description.verified:
+            cells.append("ok" if c.error is None else "[red]damaged[/red]")
+        elif c.error:
+            cells[0] += " [red](unreadable)[/red]"
+        table.add_row(*cells)
+    return table
+
+
+def _size(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(size)
+
+
+# --------------------------------------------------------------------------- export
+
+
+@main.command()
+@click.argument("run_dir", type=_RUN_DIR)
+@click.option(
+    "--tensorboard",
+    "logdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="TensorBoard log folder to write the true curves to (scalars true/loss ...).",
+)
+@_output_option
+def export(run_dir: Path, logdir: Path, output: Path | None):
+    """Export the true curves of a replayed run as TensorBoard scalars.
+
+    \b
+    Example:
+        trueloss-replay export runs/exp1 --tensorboard logs/exp1-true
+        tensorboard --logdir logs
+    """
+    from trueloss_replay.tensorboard import export_tensorboard
+
+    path = export_tensorboard(run_dir, logdir, output)
+    click.echo(f"wrote {path}")
