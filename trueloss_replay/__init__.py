@@ -1,31 +1,40 @@
-"""trueloss-replay: the true training loss of a Keras run, replayed from per-epoch checkpoints."""
+"""trueloss-replay: the true training loss of a Keras run, replayed from per-epoch checkpoints.
 
-from trueloss_replay.callback import ReplayCheckpoint
-from trueloss_replay.errors import (
-    CheckpointMismatchError,
-    DataError,
-    ModelLoadError,
-    RunExistsError,
-    RunFormatError,
-    RunWriteError,
-    TruelossReplayError,
-)
-from trueloss_replay.history import load_frame, load_history
-from trueloss_replay.plot import plot_history
-from trueloss_replay.run import Run, load_weights
+The public names are re-exported lazily: ``import trueloss_replay`` imports neither Keras nor
+TensorFlow nor matplotlib (Keras itself imports matplotlib when it is installed), so the
+command line starts fast and ``load_history`` stays free of TensorFlow work until it is used.
+"""
 
-__all__ = [
-    "CheckpointMismatchError",
-    "DataError",
-    "ModelLoadError",
-    "ReplayCheckpoint",
-    "Run",
-    "RunExistsError",
-    "RunFormatError",
-    "RunWriteError",
-    "TruelossReplayError",
-    "load_frame",
-    "load_history",
-    "load_weights",
-    "plot_history",
-]
+import importlib
+
+_EXPORTS = {
+    "CheckpointMismatchError": "trueloss_replay.errors",
+    "DataError": "trueloss_replay.errors",
+    "ModelLoadError": "trueloss_replay.errors",
+    "ReplayCheckpoint": "trueloss_replay.callback",
+    "ReplayIncompleteError": "trueloss_replay.engine",
+    "Run": "trueloss_replay.run",
+    "RunExistsError": "trueloss_replay.errors",
+    "RunFormatError": "trueloss_replay.errors",
+    "RunWriteError": "trueloss_replay.errors",
+    "TruelossReplayError": "trueloss_replay.errors",
+    "load_frame": "trueloss_replay.history",
+    "load_history": "trueloss_replay.history",
+    "load_weights": "trueloss_replay.run",
+    "plot_history": "trueloss_replay.plot",
+    "replay": "trueloss_replay.engine",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'trueloss_replay' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -307,3 +307,219 @@ def export(run_dir: Path, logdir: Path, output: Path | None):
 
     path = export_tensorboard(run_dir, logdir, output)
     click.echo(f"wrote {path}")
+
+
+# --------------------------------------------------------------------------- replay
+
+
+class _RichProgress:
+    """The engine's progress hooks drawn as rich bars: checkpoints, and batches with examples/s."""
+
+    def __init__(self):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.bars = Progress(
+            TextColumn("{task.description:<12}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+        )
+        self.examples = 0
+        self.started = 0.0
+
+    def __enter__(self):
+        self.bars.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.bars.stop()
+
+    def start(self, checkpoints: int, batches_per_checkpoint: int | None) -> None:
+        import time
+
+        self.started = time.perf_counter()
+        self.checkpoints = self.bars.add_task("checkpoints", total=checkpoints, rate="")
+        self.batches = self.bars.add_task("batches", total=batches_per_checkpoint, rate="")
+
+    def advance(self, examples: int) -> None:
+        import time
+
+        self.examples += examples
+        rate = self.examples / max(time.perf_counter() - self.started, 1e-9)
+        self.bars.update(self.batches, advance=1, rate=f"{rate:,.0f} examples/s")
+
+    def checkpoint_done(self, result, reused: bool) -> None:
+        self.bars.update(self.checkpoints, advance=1)
+        if not reused:
+            self.bars.reset(self.batches, rate=self.bars.tasks[self.batches].fields["rate"])
+
+    def checkpoint_failed(self, name: str, reason: str) -> None:
+        self.bars.update(self.checkpoints, advance=1)
+        self.bars.console.print(f"[red]{name}[/red]: {' '.join(reason.split())}")
+
+
+def _summary_table(history, title: str):
+    from rich.table import Table
+
+    h = history.history
+    columns = [
+        ("reported loss", "reported_loss"),
+        ("true loss", "loss"),
+        ("penalty", "regularization_loss"),
+        ("reported val_loss", "reported_val_loss"),
+        ("true val_loss", "val_loss"),
+    ]
+    columns = [(label, key) for label, key in columns if key in h]
+    metrics = [
+        k
+        for k in h
+        if not k.startswith(("val_", "reported_", "gap_"))
+        and k not in ("loss", "regularization_loss")
+    ]
+    columns += [(k, k) for k in metrics] + [
+        (f"val_{k}", f"val_{k}") for k in metrics if f"val_{k}" in h
+    ]
+    table = Table(title=title, title_justify="left")
+    table.add_column("epoch", justify="right")
+    for label, _ in columns:
+        table.add_column(label, justify="right")
+    for index, epoch in enumerate(history.epoch):
+        table.add_row(str(epoch + 1), *(_number(h[key][index]) for _, key in columns))
+    return table
+
+
+@main.command()
+@click.argument("run_dir", type=_RUN_DIR)
+@click.option("--data", metavar="MOD:FN", help="Data factory returning the train and val data.")
+@click.option(
+    "--train",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Training data: .npz or .h5 with x, y and optionally sample_weight.",
+)
+@click.option(
+    "--val",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Validation data, the same kinds.",
+)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), help="Evaluation batch size (default 2048)."
+)
+@click.option(
+    "--devices",
+    default="auto",
+    show_default=True,
+    help="auto, cpu, gpu, GPU indices like 0,1, or device names like /CPU:0,/CPU:1.",
+)
+@click.option("--epochs", metavar="LIST", help="Checkpoints to evaluate, e.g. 1,3,5-9.")
+@click.option("--force", is_flag=True, help="Recompute results that already exist.")
+@click.option(
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Results folder (default RUN_DIR/replay/results).",
+)
+@click.option(
+    "--unsafe-deserialization",
+    is_flag=True,
+    help="Load model.keras with safe_mode=False (Lambda layers; trusted runs only).",
+)
+@click.option("--model", "model_ref", metavar="MOD:FN", help="Builder of the model.")
+@click.option(
+    "--import",
+    "imports",
+    multiple=True,
+    metavar="MODULE",
+    help="Import a module that registers custom objects (repeatable).",
+)
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def replay(
+    run_dir: Path,
+    data: str | None,
+    train: Path | None,
+    val: Path | None,
+    batch_size: int | None,
+    devices: str,
+    epochs: str | None,
+    force: bool,
+    output: Path | None,
+    unsafe_deserialization: bool,
+    model_ref: str | None,
+    imports: tuple[str, ...],
+    no_progress: bool,
+):
+    """Evaluate every checkpoint in inference mode and write the true-loss results.
+
+    Results go to RUN_DIR/replay/results (one JSON per checkpoint), the History to
+    RUN_DIR/replay/history.csv and history.json. A rerun skips finished checkpoints.
+
+    \b
+    Example:
+        trueloss-replay replay runs/exp1
+        trueloss-replay replay runs/exp1 --data my_project.data:load --devices 0,1
+        trueloss-replay replay runs/exp1 --epochs 10-20 --batch-size 4096 --force
+    """
+    import contextlib
+
+    from trueloss_replay.engine import ReplayIncompleteError
+    from trueloss_replay.engine import replay as run_replay
+
+    progress = None if no_progress else _RichProgress()
+    try:
+        with progress or contextlib.nullcontext():
+            history = run_replay(
+                run_dir,
+                data=data,
+                train=train,
+                val=val,
+                batch_size=batch_size,
+                devices=devices,
+                epochs=epochs,
+                force=force,
+                output=output,
+                unsafe_deserialization=unsafe_deserialization,
+                model=model_ref,
+                imports=imports,
+                progress=progress,
+            )
+    except ReplayIncompleteError as e:
+        if e.history.epoch:
+            _print(_summary_table(e.history, f"true loss of {run_dir} (incomplete)"))
+        raise
+    _print(_summary_table(history, f"true loss of {run_dir}"))
+
+
+# --------------------------------------------------------------------------- demo
+
+
+@main.command()
+@click.argument("directory", default="demo-run", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def demo(directory: Path, epochs: int, no_progress: bool):
+    """Train a small regularized model on the digits data, replay it, plot the true loss.
+
+    Needs scikit-learn (pip install 'trueloss-replay[demo]'), whose digits data ships with
+    the package. Writes DIRECTORY/run, DIRECTORY/curves.png and DIRECTORY/history.csv.
+
+    \b
+    Example:
+        trueloss-replay demo demo-run
+    """
+    import contextlib
+
+    from trueloss_replay.demo import run_demo
+
+    click.echo(f"training the demo model for {epochs} epochs on scikit-learn's digits ...")
+    progress = None if no_progress else _RichProgress()
+    with progress or contextlib.nullcontext():
+        result = run_demo(directory, epochs=epochs, progress=progress)
+    click.echo(f"run folder: {result.run_dir}")
+    click.echo(f"plot:       {result.plot}")
+    click.echo(f"csv:        {result.csv}")
+    click.echo(result.headline())
