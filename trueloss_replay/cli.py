@@ -395,6 +395,16 @@ def _summary_table(history, title: str):
     return table
 
 
+def _epochs_option(value: str | None):
+    from trueloss_replay.engine import parse_epochs
+    from trueloss_replay.errors import DataError
+
+    try:
+        return parse_epochs(value)
+    except DataError as e:
+        raise click.BadParameter(str(e).split(": ", 1)[-1]) from e
+
+
 @main.command()
 @click.argument("run_dir", type=_RUN_DIR)
 @click.option("--data", metavar="MOD:FN", help="Data factory returning the train and val data.")
@@ -417,7 +427,12 @@ def _summary_table(history, title: str):
     show_default=True,
     help="auto, cpu, gpu, GPU indices like 0,1, or device names like /CPU:0,/CPU:1.",
 )
-@click.option("--epochs", metavar="LIST", help="Checkpoints to evaluate, e.g. 1,3,5-9.")
+@click.option(
+    "--epochs",
+    metavar="LIST",
+    callback=lambda ctx, param, value: _epochs_option(value),
+    help="Checkpoints to evaluate, by completed epochs, e.g. 1,3,5-9.",
+)
 @click.option("--force", is_flag=True, help="Recompute results that already exist.")
 @click.option(
     "--output",
@@ -445,7 +460,7 @@ def replay(
     val: Path | None,
     batch_size: int | None,
     devices: str,
-    epochs: str | None,
+    epochs: set[int] | None,
     force: bool,
     output: Path | None,
     unsafe_deserialization: bool,
