@@ -188,3 +188,23 @@ def test_step_is_traced_once_per_shape_across_checkpoints(trained_run):
         evaluator.evaluate(split, 50)
         traces.append(evaluator.traces)
     assert traces == [2] * len(run.checkpoints())
+
+
+def test_two_input_model_with_dict_inputs(tmp_path):
+    keras.utils.set_random_seed(4)
+    left, right = keras.Input((3,), name="left"), keras.Input((5,), name="right")
+    h = keras.layers.Concatenate()([left, right])
+    out = keras.layers.Dense(1, kernel_regularizer=keras.regularizers.L2(1e-2))(h)
+    model = keras.Model({"left": left, "right": right}, out)
+    model.compile("adam", "mse", metrics=["mae"])
+    rng = np.random.default_rng(0)
+    x = {
+        "left": rng.normal(size=(90, 3)).astype("float32"),
+        "right": rng.normal(size=(90, 5)).astype("float32"),
+    }
+    y = rng.normal(size=(90, 1)).astype("float32")
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[ReplayCheckpoint(tmp_path, train_data=(x, y))])
+    history = replay(tmp_path, batch_size=40)
+    p = model.predict(x, verbose=0)
+    np.testing.assert_allclose(history.history["loss"][0], np.mean((p - y) ** 2), rtol=RTOL)
+    np.testing.assert_allclose(history.history["mae"][0], np.mean(np.abs(p - y)), rtol=RTOL)
