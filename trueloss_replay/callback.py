@@ -462,7 +462,7 @@ def _same_variables(stored, signature) -> bool:
         isinstance(stored, list)
         and len(stored) == len(signature)
         and all(
-            runfmt._same_structure(a[0], b[0]) and list(a[1:]) == list(b[1:])
+            runfmt.same_structure(a[0], b[0]) and list(a[1:]) == list(b[1:])
             for a, b in zip(stored, signature, strict=True)
         )
     )

@@ -328,7 +328,7 @@ def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
 _UNIQUIFIER = re.compile(r"_\d+(?=/|$)")
 
 
-def _same_structure(a: str, b: str) -> bool:
+def same_structure(a: str, b: str) -> bool:
     """True when two variable paths differ only in what Keras generates per process.
 
     Keras makes layer names unique with _1, _2 ... ("sequential_1/dense_2/kernel"), and a
@@ -352,7 +352,7 @@ def match_weights(model, weights: Mapping[str, np.ndarray], source: str) -> list
     keys = weight_keys(model)
     if set(keys) != set(weights) and len(keys) == len(weights):
         file_keys = list(weights)
-        structural = all(_same_structure(a, b) for a, b in zip(keys, file_keys, strict=True))
+        structural = all(same_structure(a, b) for a, b in zip(keys, file_keys, strict=True))
         if structural and all(
             tuple(weights[fk].shape) == tuple(int(d) for d in v.shape)
             for fk, v in zip(file_keys, model.weights, strict=True)
