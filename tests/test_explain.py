@@ -376,3 +376,115 @@ def test_verdict_judges_the_fit(rows, expected):
 def test_verdict_names_the_absence_of_training_mode_layers():
     text = verdict(_frame([(2, 1.0, 1.0, 0.9, 0.9, 0.1, 0.0, math.nan, 0.0)], layers=()))
     assert "0.00 is training mode (there is no dropout or BatchNorm layer)" in text
+
+
+# --------------------------------------------------------------------------- History, plot, CLI
+
+
+@pytest.fixture(scope="module")
+def explained_copy(trained_run, tmp_path_factory):
+    """A copy of the shared run, replayed and explained once, read-only for the tests below."""
+    import shutil
+
+    target = tmp_path_factory.mktemp("explained") / "run"
+    shutil.copytree(trained_run.path, target)
+    return target, explain(target, seeds=3)
+
+
+def test_history_has_the_gap_keys(explained_copy):
+    from trueloss_replay.history import load_history
+
+    path, frame = explained_copy
+    history = load_history(path).history
+    for key in ("gap_penalty", "gap_training_mode", "gap_training_mode_se", "gap_drift"):
+        assert history[key] == frame[key].tolist()
+    total = [
+        a + b + c + d
+        for a, b, c, d in zip(
+            history["loss"],
+            history["gap_penalty"],
+            history["gap_training_mode"],
+            history["gap_drift"],
+            strict=True,
+        )
+    ]
+    assert total == history["reported_loss"]
+    assert list(history).index("gap_drift") < list(history).index("reported_loss")
+
+
+def test_exported_history_files_carry_the_gap_keys(explained_copy):
+    path, frame = explained_copy
+    exported = json.loads((path / "replay/history.json").read_text())["history"]
+    assert exported["gap_drift"] == frame["gap_drift"].tolist()
+
+
+def test_plot_explain_stacks_the_parts_under_the_reported_curve(explained_copy):
+    from trueloss_replay.plot import plot_history
+
+    path, frame = explained_copy
+    fig = plot_history(path, explain=True, path=path / "explained.png")
+    loss_ax = next(ax for ax in fig.axes if ax.get_title() == "loss")
+    assert [ax.get_title() for ax in fig.axes] == ["loss", "accuracy"]
+    areas = loss_ax.collections
+    assert [a.get_label() for a in areas] == ["penalty", "training mode", "within-epoch drift"]
+    top = areas[-1].get_paths()[0].vertices
+    # The top edge of the last area is the reported loss at each epoch.
+    for epoch, reported in zip(frame["epoch"], frame["reported_loss"], strict=True):
+        ys = top[np.isclose(top[:, 0], epoch), 1]
+        assert np.isclose(ys, reported).any()
+    assert (path / "explained.png").stat().st_size > 0
+
+
+def test_plot_explain_without_explained_parts_says_what_to_run(trained_run):
+    from trueloss_replay.plot import PlotError, plot_history
+
+    plain = {"loss": [1.0], "reported_loss": [1.2]}
+    with pytest.raises(PlotError, match="run `trueloss-replay explain RUN_DIR` first"):
+        plot_history(plain, explain=True)
+
+
+def test_cli_explain_prints_the_table_and_the_verdict(explained_copy):
+    from click.testing import CliRunner
+
+    from trueloss_replay.cli import main
+
+    path, frame = explained_copy
+    result = CliRunner().invoke(main, ["explain", str(path), "--seeds", "3"])
+    assert result.exit_code == 0, result.output
+    assert "training mode" in result.output and "drift" in result.output
+    assert f"{frame['gap_drift'].iloc[-1]:.4f}" in result.output
+    assert verdict(frame) in " ".join(result.output.split())
+
+
+def test_cli_plot_explain_writes_the_figure(explained_copy, tmp_path):
+    from click.testing import CliRunner
+
+    from trueloss_replay.cli import main
+
+    path, _ = explained_copy
+    out = tmp_path / "gap.png"
+    result = CliRunner().invoke(main, ["plot", str(path), "--explain", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_size > 0
+
+
+def test_cli_plot_explain_before_explain_fails_with_the_fix(replayed_run):
+    from click.testing import CliRunner
+
+    from trueloss_replay.cli import main
+
+    result = CliRunner().invoke(main, ["plot", str(replayed_run), "--explain"])
+    assert result.exit_code == 1
+    assert "run `trueloss-replay explain RUN_DIR` first" in result.output
+
+
+def test_cli_explain_reports_a_damaged_checkpoint(run_copy):
+    from click.testing import CliRunner
+
+    from trueloss_replay.cli import main
+
+    (run_copy / "checkpoints/e0001.h5").write_bytes(b"not hdf5")
+    result = CliRunner().invoke(main, ["explain", str(run_copy), "--seeds", "2"])
+    assert result.exit_code == 1
+    assert "Error: 1 checkpoint(s)" in result.output and "e0001.h5" in result.output
+    assert "(incomplete)" in result.output

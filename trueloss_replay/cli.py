@@ -160,22 +160,33 @@ def _print(renderable) -> None:
     metavar="NAME",
     help="A quantity to plot (loss, accuracy ...); repeat for several. Default: all.",
 )
+@click.option(
+    "--explain",
+    "explain",
+    is_flag=True,
+    help="Fill the gap under the reported loss with its parts (run `explain` first).",
+)
 @_output_option
-def plot(run_dir: Path, out: Path | None, metrics: tuple[str, ...], output: Path | None):
+def plot(
+    run_dir: Path, out: Path | None, metrics: tuple[str, ...], explain: bool, output: Path | None
+):
     """Plot the true, validation and reported curves of a replayed run.
 
     \b
     Example:
         trueloss-replay plot runs/exp1
         trueloss-replay plot runs/exp1 -o loss.svg --metric loss
+        trueloss-replay plot runs/exp1 --explain
     """
     from trueloss_replay.plot import PlotError, plot_run
 
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RuntimeWarning)
-            path = plot_run(run_dir, out, list(metrics) or None, output)
+            path = plot_run(run_dir, out, list(metrics) or None, output, explain=explain)
     except PlotError as e:
+        if explain and "explain" in str(e):
+            raise click.ClickException(str(e)) from e
         hint = "'--metric'" if metrics and "to plot" in str(e) else "'-o'"
         raise click.BadParameter(str(e), param_hint=hint) from e
     for warning in caught:  # one line each, without Python's source-line decoration
@@ -507,6 +518,122 @@ def replay(
             _print(_summary_table(e.history, f"true loss of {run_dir} (incomplete)"))
         raise
     _print(_summary_table(history, f"true loss of {run_dir}"))
+
+
+# --------------------------------------------------------------------------- explain
+
+
+@main.command()
+@click.argument("run_dir", type=_RUN_DIR)
+@click.option(
+    "--seeds",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Dropout seeds (0, 1, ...) to average the training-mode pass over.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    help="The training batch size (default: inferred from the steps per epoch).",
+)
+@click.option("--force", is_flag=True, help="Recompute parts that are already stored.")
+@click.option("--data", metavar="MOD:FN", help="Data factory returning the train and val data.")
+@click.option(
+    "--train",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Training data: .npz or .h5 with x, y and optionally sample_weight.",
+)
+@click.option(
+    "--val",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Validation data, the same kinds.",
+)
+@_output_option
+@click.option(
+    "--unsafe-deserialization",
+    is_flag=True,
+    help="Load model.keras with safe_mode=False (Lambda layers; trusted runs only).",
+)
+@click.option("--model", "model_ref", metavar="MOD:FN", help="Builder of the model.")
+@click.option(
+    "--import",
+    "imports",
+    multiple=True,
+    metavar="MODULE",
+    help="Import a module that registers custom objects (repeatable).",
+)
+def explain(
+    run_dir: Path,
+    seeds: int,
+    batch_size: int | None,
+    force: bool,
+    data: str | None,
+    train: Path | None,
+    val: Path | None,
+    output: Path | None,
+    unsafe_deserialization: bool,
+    model_ref: str | None,
+    imports: tuple[str, ...],
+):
+    """Split each epoch's reported training loss into true loss, penalty, training mode, drift.
+
+    Replays the epoch-end checkpoints first if needed, evaluates the training set in training
+    mode (dropout on, BatchNorm on batch statistics) without changing the model or its
+    files, stores the parts in the results (History keys gap_penalty, gap_training_mode,
+    gap_drift) and prints a table and a verdict.
+
+    \b
+    Example:
+        trueloss-replay explain runs/exp1
+        trueloss-replay explain runs/exp1 --seeds 10 --batch-size 64
+        trueloss-replay plot runs/exp1 --explain
+    """
+    from trueloss_replay.explain import ExplainIncompleteError, verdict
+    from trueloss_replay.explain import explain as run_explain
+
+    try:
+        frame = run_explain(
+            run_dir,
+            seeds=seeds,
+            batch_size=batch_size,
+            force=force,
+            data=data,
+            train=train,
+            val=val,
+            output=output,
+            unsafe_deserialization=unsafe_deserialization,
+            model=model_ref,
+            imports=imports,
+        )
+    except ExplainIncompleteError as e:
+        if len(e.frame):
+            _print(_explain_table(e.frame, f"the reported-loss gap of {run_dir} (incomplete)"))
+        raise
+    _print(_explain_table(frame, f"the reported-loss gap of {run_dir}"))
+    click.echo()
+    click.echo(verdict(frame))
+
+
+def _explain_table(frame, title: str):
+    from rich.table import Table
+
+    columns = [
+        ("reported loss", "reported_loss"),
+        ("true loss", "loss"),
+        ("penalty", "gap_penalty"),
+        ("training mode", "gap_training_mode"),
+        ("± se", "gap_training_mode_se"),
+        ("drift", "gap_drift"),
+        ("true val_loss", "val_loss"),
+    ]
+    table = Table(title=title, title_justify="left")
+    table.add_column("epoch", justify="right")
+    for label, _ in columns:
+        table.add_column(label, justify="right")
+    for _, row in frame.iterrows():
+        table.add_row(str(int(row["epoch"])), *(_number(row[key]) for _, key in columns))
+    return table
 
 
 # --------------------------------------------------------------------------- demo

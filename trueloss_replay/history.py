@@ -49,6 +49,14 @@ HISTORY_JSON = "history.json"
 FRAME_COLUMNS = ("checkpoint", "epochs_completed", "step")
 REGULARIZATION_KEYS = ("regularization_loss", "val_regularization_loss")
 REPORTED_PREFIX = "reported_"
+#: ``result["explain"]`` parts (``explain.py``) and their History keys.
+GAP_KEYS = {
+    "penalty": "gap_penalty",
+    "training_mode": "gap_training_mode",
+    "training_mode_se": "gap_training_mode_se",
+    "drift": "gap_drift",
+}
+GAP_PREFIX = "gap_"
 
 
 # --------------------------------------------------------------------------- folders
@@ -153,11 +161,17 @@ def _name_order(name: str) -> tuple[int, int, int]:
 
 
 def result_figures(result: Mapping[str, Any]) -> dict[str, float]:
-    """A result's figures under their History names: ``loss``, ``val_loss``, ``reported_loss``."""
+    """A result's figures under their History names: ``loss``, ``val_loss``, ``reported_loss``,
+    and the ``gap_*`` parts of ``explain`` when it has run."""
     figures = {}
     for prefix, part in (("", "train"), ("val_", "val"), (REPORTED_PREFIX, "reported")):
         for key, value in (result.get(part) or {}).items():
             figures[prefix + key] = _as_float(value)
+    explained = result.get("explain")
+    if isinstance(explained, Mapping):
+        for part, key in GAP_KEYS.items():
+            if part in explained:
+                figures[key] = _as_float(explained[part])
     return figures
 
 
@@ -176,10 +190,10 @@ def _as_float(value: Any) -> float:
 
 
 def _key_order(key: str) -> int:
-    # History order: data loss, metrics, val, penalties, then what Keras reported.
+    # History order: data loss, metrics, val, penalties and gap parts, then what Keras reported.
     if key.startswith(REPORTED_PREFIX):
         return 4
-    if key in REGULARIZATION_KEYS:
+    if key in REGULARIZATION_KEYS or key.startswith(GAP_PREFIX):
         return 3
     if key == "loss":
         return 0

@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from trueloss_replay.errors import RunWriteError, TruelossReplayError
-from trueloss_replay.history import REPORTED_PREFIX, as_history, load_history, replay_folder
+from trueloss_replay.history import (
+    GAP_PREFIX,
+    REPORTED_PREFIX,
+    as_history,
+    load_history,
+    replay_folder,
+)
 
 FORMATS = (".png", ".svg", ".pdf")
 DEFAULT_FIGURE = "curves.png"
@@ -29,6 +35,12 @@ PENALTY_LABEL = "penalty (regularization_loss)"
 VAL_PENALTY_LABEL = "val penalty (val_regularization_loss)"
 
 _PENALTIES = ("regularization_loss", "val_regularization_loss")
+# The stacked parts of the explained gap, bottom to top, on top of the true loss.
+_GAP_PARTS = (
+    ("gap_penalty", "penalty", "C2"),
+    ("gap_training_mode", "training mode", "C4"),
+    ("gap_drift", "within-epoch drift", "C7"),
+)
 _COLUMNS = 3
 
 
@@ -51,7 +63,7 @@ def quantities(history: Any) -> list[str]:
     for key in history.history:
         base = key[len(REPORTED_PREFIX) :] if key.startswith(REPORTED_PREFIX) else key
         base = base[len("val_") :] if base.startswith("val_") else base
-        if base not in names and key not in _PENALTIES:
+        if base not in names and key not in _PENALTIES and not key.startswith(GAP_PREFIX):
             names.append(base)
     return sorted(names, key=lambda name: name != "loss")
 
@@ -64,6 +76,7 @@ def plot_history(
     ax: Any = None,
     output: str | os.PathLike | None = None,
     title: str | None = None,
+    explain: bool = False,
 ):
     """Plots a History: one panel per quantity, true training, validation and reported curves.
 
@@ -84,13 +97,16 @@ def plot_history(
         output: the results folder, when ``history_or_run_dir`` is a run folder whose
             replay was given one.
         title: a title above the panels.
+        explain: on the loss panel, fill the gap between the true and the reported training
+            loss with its parts (``gap_penalty``, ``gap_training_mode``, ``gap_drift``, from
+            ``trueloss-replay explain``) as stacked areas.
 
     Returns:
         matplotlib.figure.Figure: the figure, one Axes per quantity.
 
     Raises:
-        PlotError: a name in ``metrics`` is not in the History, the History is empty, or
-            ``path`` has an unsupported suffix.
+        PlotError: a name in ``metrics`` is not in the History, the History is empty,
+            ``path`` has an unsupported suffix, or ``explain`` without explained parts.
         RunFormatError: a run folder that cannot be read.
 
     Example:
@@ -113,10 +129,20 @@ def plot_history(
             else "the History is empty; there is nothing to plot."
         )
 
+    if explain and not all(key in history.history for key, _, _ in _GAP_PARTS):
+        raise PlotError(
+            "the History has no explained gap (gap_penalty, gap_training_mode, gap_drift); "
+            "run `trueloss-replay explain RUN_DIR` first."
+        )
+    if explain and "loss" not in names:
+        raise PlotError("explain draws on the loss panel; include 'loss' in the metrics.")
+
     fig, axes = _axes(len(names), ax, for_saving=path is not None)
     series, non_finite = _series(history)
     is_replay = any(key.startswith(REPORTED_PREFIX) for key in history.history)
     for name, axes_ in zip(names, axes, strict=True):
+        if explain and name == "loss":
+            _gap_areas(axes_, series)
         _panel(axes_, name, series, is_replay)
     if non_finite:
         warnings.warn(
@@ -210,6 +236,18 @@ def _panel(ax, name: str, series, is_replay: bool) -> None:
     ax.legend(fontsize="small")
 
 
+def _gap_areas(ax, series) -> None:
+    import numpy as np
+
+    xs, bottom = series["loss"]
+    bottom = np.asarray(bottom, dtype=float)
+    for key, label, color in _GAP_PARTS:
+        top = bottom + np.asarray(series[key][1], dtype=float)
+        # Stacked on the true loss, the last part ends exactly on the reported loss.
+        ax.fill_between(xs, bottom, top, label=label, color=color, alpha=0.3, linewidth=0)
+        bottom = top
+
+
 def _differs(series, first: str, second: str) -> bool:
     if first not in series or second not in series:
         return second in series
@@ -268,6 +306,7 @@ def plot_run(
     path: str | os.PathLike | None = None,
     metrics: Sequence[str] | None = None,
     output: str | os.PathLike | None = None,
+    explain: bool = False,
 ) -> Path:
     """Plots a run's stored results to a file, without a display (what ``plot`` runs).
 
@@ -276,13 +315,14 @@ def plot_run(
         path: the figure file; default ``RUN_DIR/replay/curves.png`` (or in ``output``).
         metrics: the quantities to draw; default all.
         output: the results folder, if the replay was given one.
+        explain: draw the explained parts of the gap under the reported loss.
 
     Returns:
         The path written.
 
     Raises:
         RunFormatError: not a run folder, a damaged result, or nothing replayed yet.
-        PlotError: an unknown quantity or figure format.
+        PlotError: an unknown quantity or figure format, or ``explain`` before explaining.
 
     Example:
         >>> plot_run("runs/exp1")
@@ -291,5 +331,5 @@ def plot_run(
     path = Path(path) if path is not None else replay_folder(run_dir, output) / DEFAULT_FIGURE
     _check_suffix(path)
     history = load_history(run_dir, output)
-    plot_history(history, metrics, path, title=Path(run_dir).resolve().name)
+    plot_history(history, metrics, path, title=Path(run_dir).resolve().name, explain=explain)
     return path
