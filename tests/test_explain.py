@@ -267,15 +267,18 @@ def test_explain_leaves_checkpoint_files_unchanged(run_copy):
     assert digests() == before
 
 
-def test_seeds_make_the_pass_reproducible(trained_run):
+def test_seeds_make_the_pass_reproducible_and_it_is_traced_once_per_shape(trained_run):
     from trueloss_replay.data import ArraySplit
 
     model = load_model(Run(trained_run.path))
     split = ArraySplit("train", *trained_run.train)
-    first = TrainingModeEvaluator(model).losses(split, batch_size=32, seeds=[3, 4])
+    evaluator = TrainingModeEvaluator(model)
+    first = evaluator.losses(split, batch_size=32, seeds=[3, 4])
     second = TrainingModeEvaluator(model).losses(split, batch_size=32, seeds=[3, 4])
     np.testing.assert_array_equal(first, second)
     assert first[0] != first[1]
+    # 180 examples: batches of 32 and a last one of 20, traced once each for all seeds.
+    assert evaluator.traces == 2
 
 
 # --------------------------------------------------------------------------- batch size

@@ -509,11 +509,11 @@ def explain(
                 source=str(c.path),
                 shuffle=shuffle,
             )
-            train = result["train"]
+            figures = result["train"]
             parts = decompose(
                 float(reported),
-                float(train["loss"]),
-                float(train.get("regularization_loss", 0.0)),
+                float(figures["loss"]),
+                float(figures.get("regularization_loss", 0.0)),
                 float(per_seed.mean()),
             )
             stored = {
@@ -528,9 +528,11 @@ def explain(
         if on_checkpoint is not None:
             on_checkpoint(c.name, reuse)
         rows.append(_row(c, result, stored))
+        if layers is None and stored.get("layers") is not None:
+            layers = list(stored["layers"])
 
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
-    frame.attrs["training_mode_layers"] = layers if layers is not None else _stored_layers(rows)
+    frame.attrs["training_mode_layers"] = layers or []
     if results_dir == run.results_dir:
         with contextlib.suppress(RunFormatError):
             export_history(run.path)
@@ -571,19 +573,11 @@ def _row(checkpoint: runfmt.Checkpoint, result: Mapping[str, Any], parts: Mappin
         "gap_drift": float(parts["drift"]),
         "batch_size": parts.get("batch_size"),
         "seeds": len(parts.get("seeds") or []),
-        "_layers": parts.get("layers"),
     }
 
 
 def _float(value: Any) -> float:
     return math.nan if value is None else float(value)
-
-
-def _stored_layers(rows: list[dict]) -> list[str]:
-    for row in reversed(rows):
-        if row.get("_layers") is not None:
-            return list(row["_layers"])
-    return []
 
 
 # --------------------------------------------------------------------------- verdict
