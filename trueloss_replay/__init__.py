@@ -18,6 +18,7 @@ _EXPORTS = {
     "RunFormatError": "trueloss_replay.errors",
     "RunWriteError": "trueloss_replay.errors",
     "TruelossReplayError": "trueloss_replay.errors",
+    "explain": "trueloss_replay.explain",
     "load_frame": "trueloss_replay.history",
     "load_history": "trueloss_replay.history",
     "load_weights": "trueloss_replay.run",
