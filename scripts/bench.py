@@ -12,6 +12,8 @@ rotated from one repetition to the next, and the table reports medians over repe
     python scripts/bench.py callback                 # the full figure (~6 min on 2 cores)
     python scripts/bench.py callback --examples 2000 --epochs 2 --reps 1   # smoke run
     python scripts/bench.py callback --json bench-callback.json
+    python scripts/bench.py replay                   # replay vs naive loop vs floor (~4 min)
+    python scripts/bench.py replay --examples 2000 --k 3 --reps 1           # smoke run
 
 A new figure is one more ``@cli.command()`` that reuses the helpers below
 (``reference_data``, ``build_reference_model``, ``rotated``, ``median``, ``print_table``,
@@ -410,6 +412,523 @@ def callback(epochs, reps, examples, only, json_path):
             "summary": summary,
         },
     )
+
+
+# ---------------------------------------------------------------------- replay
+
+
+def _make_replay_run(run_dir: Path, k: int, train, val, fit_examples: int) -> None:
+    """A run folder with ``k`` checkpoints: the initial weights and ``k - 1`` short epochs.
+
+    The epochs train on the first ``fit_examples`` examples only: the figures are about
+    evaluation speed, which does not depend on what the weights are. The callback is given
+    the full splits, so the run folder holds them as ``data/train.h5`` and ``data/val.h5``
+    and ``replay()`` is measured through its public API with no data argument.
+    """
+    from trueloss_replay import ReplayCheckpoint
+
+    model = build_reference_model()
+    x, y = train
+    model.fit(
+        x[:fit_examples],
+        y[:fit_examples],
+        epochs=k - 1,
+        batch_size=BATCH_SIZE,
+        verbose=0,
+        callbacks=[ReplayCheckpoint(run_dir, train_data=train, val_data=val)],
+    )
+
+
+class _WeightsCensus:
+    """Counts the checkpoints whose weights ``read_weights`` returned and are still alive."""
+
+    def __init__(self):
+        self.alive = 0
+        self.peak = 0
+
+    def wrap(self, read_weights):
+        import weakref
+
+        def counted(path):
+            weights = read_weights(path)
+            arrays = list(weights.values())
+            if arrays:
+                self.alive += 1
+                self.peak = max(self.peak, self.alive)
+                # The checkpoint counts as held until its last array is freed.
+                remaining = [len(arrays)]
+
+                def release():
+                    remaining[0] -= 1
+                    if remaining[0] == 0:
+                        self.alive -= 1
+
+                for array in arrays:
+                    weakref.finalize(array, release)
+            return weights
+
+        return counted
+
+
+def _replay_memory(run_dir: Path, epochs: str | None) -> dict[str, Any]:
+    """One untimed replay under tracemalloc: host (numpy and Python) peak bytes, and the
+    most checkpoints' weights alive at once."""
+    import tracemalloc
+
+    from trueloss_replay import engine
+    from trueloss_replay import run as runfmt
+
+    census = _WeightsCensus()
+    original = runfmt.read_weights
+    runfmt.read_weights = census.wrap(original)
+    tracemalloc.start()
+    try:
+        engine.replay(run_dir, epochs=epochs, force=True)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        runfmt.read_weights = original
+    return {"tracemalloc_peak_bytes": peak, "checkpoints_alive_peak": census.peak}
+
+
+def _recording_evaluators():
+    """Patches the engine so that every Evaluator it creates is recorded (for ``traces``)."""
+    from trueloss_replay import engine
+
+    created: list[Any] = []
+    base = engine.Evaluator
+
+    class Recorded(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+    engine.Evaluator = Recorded
+    return created, lambda: setattr(engine, "Evaluator", base)
+
+
+def _timed_replay(run_dir: Path, epochs: str | None) -> dict[str, Any]:
+    """Wall seconds of one public ``replay()`` call, its results' per-checkpoint seconds, and
+    the traces of the step."""
+    from trueloss_replay import engine
+    from trueloss_replay.history import load_results
+
+    created, restore = _recording_evaluators()
+    try:
+        start = time.perf_counter()
+        engine.replay(run_dir, epochs=epochs, force=True)
+        wall = time.perf_counter() - start
+    finally:
+        restore()
+    results = sorted(load_results(run_dir), key=lambda r: r["evaluated"])
+    if epochs is not None:
+        wanted = engine.parse_epochs(epochs)
+        results = [r for r in results if r["epoch"] in wanted]
+    return {
+        "wall": wall,
+        # The evaluation of each checkpoint (weights in, train and val figures out), in the
+        # order evaluated: the first one carries the tracing and XLA compilation.
+        "checkpoint_seconds": [r["seconds"] for r in results],
+        "traces": [e.traces for e in created],
+    }
+
+
+def _naive_loop(run_dir: Path, train, val) -> list[float]:
+    """What one writes by hand: per checkpoint, load the model, load the weights, evaluate
+    both sets at Keras' default batch size (32). Seconds per checkpoint."""
+    import warnings
+
+    import keras
+
+    from trueloss_replay import run as runfmt
+
+    times = []
+    for checkpoint in runfmt.Run(run_dir).checkpoints():
+        start = time.perf_counter()
+        with warnings.catch_warnings():  # the optimizer's variables are not in model.keras
+            warnings.simplefilter("ignore")
+            model = keras.saving.load_model(run_dir / runfmt.MODEL_FILE)
+        runfmt.load_weights(model, checkpoint.path)
+        model.evaluate(*train, verbose=0)
+        model.evaluate(*val, verbose=0)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _reused_model(run_dir: Path, train, val, batch_size: int) -> list[float]:
+    """One model loaded once; per checkpoint, load the weights and ``evaluate`` at a large
+    batch. Seconds per checkpoint; the first includes the tracing."""
+    import warnings
+
+    import keras
+
+    from trueloss_replay import run as runfmt
+
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = keras.saving.load_model(run_dir / runfmt.MODEL_FILE)
+    times = []
+    for checkpoint in runfmt.Run(run_dir).checkpoints():
+        runfmt.load_weights(model, checkpoint.path)
+        model.evaluate(*train, batch_size=batch_size, verbose=0)
+        model.evaluate(*val, batch_size=batch_size, verbose=0)
+        times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+    return times
+
+
+class _Floor:
+    """The XLA-compiled forward pass alone, over train and val batched as replay batches them
+    (the same shapes), the batches already on the device. Compiled once, outside the timing."""
+
+    def __init__(self, train, val, batch_size: int):
+        import tensorflow as tf
+
+        self.model = build_reference_model()
+        self.forward = tf.function(
+            lambda x: self.model(x, training=False),
+            jit_compile=True,
+            reduce_retracing=False,
+            autograph=False,
+        )
+        self.batches = [
+            tf.convert_to_tensor(x[i : i + batch_size])
+            for x in (train[0], val[0])
+            for i in range(0, len(x), batch_size)
+        ]
+        start = time.perf_counter()
+        self.run()
+        self.compile_seconds = time.perf_counter() - start
+
+    def run(self) -> float:
+        import numpy as np
+
+        start = time.perf_counter()
+        outputs = [self.forward(b) for b in self.batches]
+        # One stream runs the batches in order: the last one done means all are done.
+        np.asarray(outputs[-1])
+        return time.perf_counter() - start
+
+
+def _replay_profile(run_dir: Path, floor: _Floor, batch_size: int, reps: int) -> dict:
+    """Where one checkpoint's time goes inside the engine, next to the floor, alternating.
+
+    Setup (once per replay call): model load, data load, first evaluation of each split
+    (build, tracing, XLA compilation). Per checkpoint: reading the weights file (done on a
+    background thread during the previous checkpoint's evaluation), assigning them, the
+    step calls alone (every batch dispatched, one sync at the end), the full ``evaluate``
+    of both splits (step calls + read-backs + float64 sums + metric results), and writing
+    the result file.
+    """
+    import contextlib
+
+    from trueloss_replay import engine
+    from trueloss_replay import run as runfmt
+    from trueloss_replay.data import resolve_splits
+
+    run = runfmt.Run(run_dir)
+    checkpoints = run.checkpoints()
+    times: dict[str, dict[str, list[float]]] = {"setup": {}, "per_checkpoint": {}}
+
+    @contextlib.contextmanager
+    def timed(kind: str, name: str):
+        start = time.perf_counter()
+        yield
+        times[kind].setdefault(name, []).append(time.perf_counter() - start)
+
+    for _ in range(reps):
+        with timed("setup", "load model.keras + compile"):
+            evaluator = engine.Evaluator(engine.load_model(run))
+        with timed("setup", "load data (h5)"):
+            splits = resolve_splits(run)
+        evaluator.load(runfmt.read_weights(checkpoints[0].path), "e0")
+        for name, split in splits.items():
+            with timed("setup", f"first evaluate({name}): build + trace + compile"):
+                evaluator.evaluate(split, batch_size)
+        for checkpoint in checkpoints[1:]:
+            with timed("per_checkpoint", "read weights (background thread)"):
+                weights = runfmt.read_weights(checkpoint.path)
+            with timed("per_checkpoint", "assign weights"):
+                evaluator.load(weights, checkpoint.name)
+            with timed("per_checkpoint", "step calls only (one sync at the end)"):
+                _step_calls(evaluator, splits, batch_size)
+            with timed("per_checkpoint", "evaluate(train) + evaluate(val)"):
+                figures = {n: evaluator.evaluate(s, batch_size) for n, s in splits.items()}
+            with timed("per_checkpoint", "write the result JSON"):
+                runfmt.atomic_write_json(run_dir / "profile.json", figures)
+            with timed("per_checkpoint", "floor (XLA forward pass alone)"):
+                floor.run()
+    return {kind: {k: median(v) for k, v in items.items()} for kind, items in times.items()}
+
+
+def _step_calls(evaluator, splits, batch_size: int) -> None:
+    import numpy as np
+    import tensorflow as tf
+
+    outputs = []
+    with tf.device(evaluator.device):
+        for split in splits.values():
+            for x, y, sw in evaluator._batches(split, batch_size):
+                outputs.append(evaluator._step(x, y, sw))
+    np.asarray(outputs[-1][0])
+
+
+@cli.command("replay")
+@click.option(
+    "--k",
+    "k",
+    default=10,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="Checkpoints in the run folder.",
+)
+@click.option(
+    "--reps",
+    default=3,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Repetitions of every variant.",
+)
+@click.option(
+    "--examples",
+    default=REFERENCE_TRAIN,
+    show_default=True,
+    type=click.IntRange(min=8),
+    help="Training examples (validation: a quarter as many). Lower it for a smoke run.",
+)
+@click.option(
+    "--batch-size",
+    default=2048,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Batch size of replay, of the reused model and of the floor.",
+)
+@click.option("--profile/--no-profile", default=True, show_default=True, help="Also profile.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write JSON.")
+def replay_command(k, reps, examples, batch_size, profile, json_path):
+    """Replay seconds per checkpoint against the naive loop, a reused model and the floor.
+
+    On a run folder of K checkpoints of the reference model (the initial weights and K-1
+    one-epoch fits on 2,000 examples; the data snapshots are the full splits), measures per
+    repetition, in rotated order:
+
+    \b
+      replay K   replay(run_dir, force=True): every checkpoint, one public call
+      replay 1   replay(run_dir, epochs="0", force=True): one checkpoint
+      naive      per checkpoint: keras.saving.load_model, load weights, evaluate
+                 train and val at the default batch size (32)
+      reused     one model; per checkpoint: load weights, evaluate at --batch-size
+      floor      tf.function(jit_compile=True) of model(x, training=False) over the
+                 same batches, already on the device, compiled beforehand
+
+    "incl. setup" is wall time / K (model load, data load, tracing and XLA compilation
+    included); "steady" is the median of the checkpoints after the first. Then one untimed
+    replay of K and of 1 checkpoint under tracemalloc (host peak bytes, checkpoints' weights
+    alive at once), and a profile of where a checkpoint's time goes in the engine.
+
+    \b
+    Example:
+        python scripts/bench.py replay --json replay.json
+        python scripts/bench.py replay --examples 2000 --k 3 --reps 1   # smoke run
+    """
+    import resource
+
+    info = machine_info()
+    train, val = reference_data(examples, max(examples // 4, 1))
+    with tempfile.TemporaryDirectory(prefix="bench-replay-") as tmp:
+        run_dir = Path(tmp) / "run"
+        _make_replay_run(run_dir, k, train, val, fit_examples=min(examples, 2000))
+        floor = _Floor(train, val, batch_size)
+        variants: dict[str, Callable[[], Any]] = {
+            "replay K": lambda: _timed_replay(run_dir, None),
+            "replay 1": lambda: _timed_replay(run_dir, "0"),
+            "naive": lambda: _naive_loop(run_dir, train, val),
+            "reused": lambda: _reused_model(run_dir, train, val, batch_size),
+            "floor": lambda: [floor.run() for _ in range(k)],
+        }
+        raw: dict[str, list[Any]] = {name: [] for name in variants}
+        for rep in range(reps):
+            for name in rotated(list(variants), rep):
+                raw[name].append(variants[name]())
+                _log(f"rep {rep + 1}/{reps} {name:<9} {_describe(raw[name][-1])}")
+        memory = {
+            "replay K": _replay_memory(run_dir, None),
+            "replay 1": _replay_memory(run_dir, "0"),
+        }
+        profile_data = _replay_profile(run_dir, floor, batch_size, reps) if profile else None
+    info["loadavg_end"] = os.getloadavg()
+    info["ru_maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    summary = _replay_summary(raw, k, floor.compile_seconds)
+    summary["memory"] = memory
+    _print_replay(summary, info, k, examples, len(val[0]), batch_size, reps, profile_data)
+    write_json(
+        json_path,
+        {
+            "benchmark": "replay",
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "config": {
+                "checkpoints": k,
+                "train_examples": examples,
+                "val_examples": len(val[0]),
+                "batch_size": batch_size,
+                "reps": reps,
+                "order": "rotated each rep",
+                "checkpoints_from": "initial weights + K-1 one-epoch fits on 2,000 examples",
+            },
+            "machine": info,
+            "raw": raw,
+            "summary": summary,
+            "profile": profile_data,
+        },
+    )
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        steps = " ".join(f"{s:.3f}" for s in value["checkpoint_seconds"])
+        return f"wall {value['wall']:.2f}s  checkpoints: {steps}  traces {value['traces']}"
+    return "s/checkpoint: " + " ".join(f"{v:.3f}" for v in value)
+
+
+def _replay_summary(raw: dict[str, list[Any]], k: int, floor_compile: float) -> dict[str, Any]:
+    """Medians over repetitions of per-checkpoint seconds, and the ratios of the targets."""
+    floor = [median(times) for times in raw["floor"]]
+    rows: dict[str, dict[str, float]] = {}
+    replay_k = raw["replay K"]
+    rows["replay"] = {
+        "incl_setup": median([r["wall"] / k for r in replay_k]),
+        "steady": median([median(r["checkpoint_seconds"][1:]) for r in replay_k]),
+        "setup": median([r["wall"] - k * median(r["checkpoint_seconds"][1:]) for r in replay_k]),
+        "incl_setup_per_rep": [r["wall"] / k for r in replay_k],
+        "steady_per_rep": [median(r["checkpoint_seconds"][1:]) for r in replay_k],
+    }
+    rows["naive"] = {
+        "incl_setup": median([sum(t) / k for t in raw["naive"]]),
+        "steady": median([median(t) for t in raw["naive"]]),
+        "setup": 0.0,
+        "incl_setup_per_rep": [sum(t) / k for t in raw["naive"]],
+        "steady_per_rep": [median(t) for t in raw["naive"]],
+    }
+    rows["reused"] = {
+        "incl_setup": median([sum(t) / k for t in raw["reused"]]),
+        "steady": median([median(t[1:]) for t in raw["reused"]]),
+        "setup": median([sum(t) - k * median(t[1:]) for t in raw["reused"]]),
+        "incl_setup_per_rep": [sum(t) / k for t in raw["reused"]],
+        "steady_per_rep": [median(t[1:]) for t in raw["reused"]],
+    }
+    rows["floor"] = {
+        "incl_setup": median(floor) + floor_compile / k,
+        "steady": median(floor),
+        "setup": floor_compile,
+        "incl_setup_per_rep": [f + floor_compile / k for f in floor],
+        "steady_per_rep": floor,
+    }
+    for row in rows.values():
+        row["steady_over_floor"] = median(
+            [a / b for a, b in zip(row["steady_per_rep"], floor, strict=True)]
+        )
+        row["incl_setup_over_floor"] = median(
+            [a / b for a, b in zip(row["incl_setup_per_rep"], floor, strict=True)]
+        )
+    naive_over_replay = [
+        a / b
+        for a, b in zip(
+            rows["naive"]["incl_setup_per_rep"], rows["replay"]["incl_setup_per_rep"], strict=True
+        )
+    ]
+    k_over_one = [
+        rk["wall"] / (k * r1["wall"]) for rk, r1 in zip(replay_k, raw["replay 1"], strict=True)
+    ]
+    return {
+        "per_checkpoint": rows,
+        "a_over_d_steady": rows["replay"]["steady_over_floor"],
+        "a_over_d_incl_setup": rows["replay"]["incl_setup_over_floor"],
+        "b_over_a_incl_setup": median(naive_over_replay),
+        "b_over_a_steady": median(
+            [
+                a / b
+                for a, b in zip(
+                    rows["naive"]["steady_per_rep"], rows["replay"]["steady_per_rep"], strict=True
+                )
+            ]
+        ),
+        "replay_k_over_k_times_one": median(k_over_one),
+        "replay_one_wall": median([r["wall"] for r in raw["replay 1"]]),
+        "traces": raw["replay K"][-1]["traces"],
+    }
+
+
+def _print_replay(summary, info, k, examples, val_examples, batch_size, reps, profile) -> None:
+    rows = summary["per_checkpoint"]
+    labels = {
+        "replay": "(a) replay()",
+        "naive": "(b) naive loop: load_model + evaluate, batch 32",
+        "reused": f"(c) one model, evaluate, batch {batch_size}",
+        "floor": f"(d) floor: XLA forward pass alone, batch {batch_size}",
+    }
+    click.echo("")
+    click.echo(
+        f"replay: {k} checkpoints, {examples} train + {val_examples} val examples, "
+        f"{reps} reps, rotated order; medians"
+    )
+    print_machine_info(info)
+    click.echo("")
+    print_table(
+        [
+            "variant",
+            "s/checkpoint, steady",
+            "/ floor",
+            "s/checkpoint incl. setup (wall / K)",
+            "/ floor",
+            "one-time setup s",
+        ],
+        [
+            [
+                labels[name],
+                row["steady"],
+                row["steady_over_floor"],
+                row["incl_setup"],
+                row["incl_setup_over_floor"],
+                row["setup"],
+            ]
+            for name, row in rows.items()
+        ],
+    )
+    memory = summary["memory"]
+    click.echo("")
+    print_table(
+        ["figure", "value", "target"],
+        [
+            ["a/d, steady", summary["a_over_d_steady"], "<= 1.3"],
+            ["a/d, incl. setup", summary["a_over_d_incl_setup"], ""],
+            ["b/a, incl. setup", summary["b_over_a_incl_setup"], ">= 10"],
+            ["b/a, steady", summary["b_over_a_steady"], ""],
+            [f"replay of {k} / ({k} x replay of 1)", summary["replay_k_over_k_times_one"], "< 1.0"],
+            ["replay of 1 checkpoint, wall s", summary["replay_one_wall"], ""],
+            ["traces of the step (per device)", str(summary["traces"]), "one per shape"],
+            [
+                f"host peak (tracemalloc), replay of {k} / of 1, MiB",
+                f"{memory['replay K']['tracemalloc_peak_bytes'] / 2**20:.1f} / "
+                f"{memory['replay 1']['tracemalloc_peak_bytes'] / 2**20:.1f}",
+                "not growing with K",
+            ],
+            [
+                f"checkpoints' weights alive at once, replay of {k}",
+                str(memory["replay K"]["checkpoints_alive_peak"]),
+                "<= 2",
+            ],
+            ["process peak RSS (ru_maxrss, whole run), MiB", f"{info['ru_maxrss_mib']:.0f}", ""],
+        ],
+    )
+    if profile:
+        click.echo("")
+        print_table(
+            ["where a replay's time goes (medians)", "seconds"],
+            [[f"setup: {n}", v] for n, v in profile["setup"].items()]
+            + [[f"per checkpoint: {n}", v] for n, v in profile["per_checkpoint"].items()],
+        )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
 """The replay engine: one model, many checkpoints, exact inference-mode figures.
 
 The model is built and compiled once per device, and one evaluation step is traced once per
-device and input shape; each checkpoint only swaps the weights into the same variables.
+device and input shape; each checkpoint only swaps the weights into the same variables. The
+main batch shape is XLA-compiled; the other shapes (a split's last batch) run in a plain
+graph, because one more XLA compilation costs more than it saves on a single batch.
+Checkpoints go one at a time (the next one is read from disk meanwhile), or, in data-major
+mode, several per produced batch so that an expensive input pipeline runs once for them all.
 
 Exactness. Keras' ``evaluate()`` reports ``loss`` as the batch-size-weighted mean of the
 per-batch ``compute_loss``, which is the compiled loss (loss weights, sample weights, one term
@@ -46,6 +50,10 @@ DEFAULT_BATCH_SIZE = 2048
 # Array data up to this size is kept on each device for the whole replay; larger data is
 # streamed from host memory batch by batch.
 DEVICE_CACHE_BYTES = 2 * 1024**3
+# Data-major mode stages up to this many bytes of weights (several checkpoints) on a device,
+# and at most this many checkpoints per produced batch.
+DATA_MAJOR_BYTES = 256 * 1024**2
+DATA_MAJOR_MAX_GROUP = 16
 
 
 class ReplayIncompleteError(RunFormatError):
@@ -217,58 +225,86 @@ class Evaluator:
         Returns:
             ``{"loss": data loss, "regularization_loss": ..., <metric>: ...}`` and the count.
         """
+        return self.evaluate_many(split, batch_size, [None], on_batch)[0]
+
+    def stage(self, weights: dict[str, np.ndarray], source: str) -> list[Any]:
+        """A checkpoint's weights as tensors on this device, for ``evaluate_many``.
+
+        Raises:
+            CheckpointMismatchError: the weights do not fit the model.
+        """
         import tensorflow as tf
 
-        loss_sum = reg_sum = 0.0
-        count = 0
-        state_sums: list[np.ndarray] | None = None
-        pending: list[tuple[int, Any]] = []
+        arrays = runfmt.match_weights(self.model, weights, source)
+        with tf.device(self.device):
+            return [
+                tf.convert_to_tensor(a.astype(v.dtype, copy=False))
+                for a, v in zip(arrays, self.model.weights, strict=True)
+            ]
+
+    def evaluate_many(
+        self,
+        split: Split,
+        batch_size: int,
+        weight_sets: Sequence[list[Any] | None],
+        on_batch: Callable[[int], None] | None = None,
+    ) -> list[tuple[dict[str, float], int]]:
+        """Data-major evaluation: each batch is produced once and evaluated at every weight set.
+
+        For input pipelines that cost more than the model (a ``tf.data`` map that decodes,
+        a ``PyDataset`` that reads files): the batches of one pass serve several checkpoints,
+        whose weights are swapped into the model's variables (a copy on the device) batch by
+        batch. The figures are those ``evaluate`` gives for each weight set.
+
+        Args:
+            split: the data.
+            batch_size: for array data.
+            weight_sets: from ``stage``; None stands for the weights the model holds.
+            on_batch: called with the examples evaluated, once per produced batch.
+
+        Returns:
+            One ``(figures, count)`` per weight set, as ``evaluate`` returns them.
+        """
+        import tensorflow as tf
+
+        pending: list[list[tuple[int, Any]]] = [[] for _ in weight_sets]
+        # The shape most batches have is XLA-compiled; see _call for the others.
+        full = batch_size if isinstance(split, ArraySplit) else None
         with tf.device(self.device):
             for x, y, sw in self._batches(split, batch_size):
-                if _batch_length(x) == 0:
+                n = _batch_length(x)
+                if n == 0:
                     continue
                 if not self._built:
                     self._build(x, y, sw, split.name)
-                n = _batch_length(x)
-                outputs = self._call(x, y, sw, split.name)
-                pending.append((n, outputs))
+                full = full or n
+                for weights, outputs in zip(weight_sets, pending, strict=True):
+                    if weights is not None:
+                        for variable, value in zip(self.model.weights, weights, strict=True):
+                            variable.assign(value)
+                    outputs.append((n, self._call(x, y, sw, split.name, main=n == full)))
                 if on_batch is not None:
-                    on_batch(n)
-            # Converting only now lets the device run ahead of the host loop.
-            for n, (data, reg, states) in pending:
-                loss_sum += float(data) * n
-                reg_sum += float(reg) * n
-                values = [np.asarray(s, dtype=np.float64) for s in states]
-                state_sums = (
-                    values
-                    if state_sums is None
-                    else [a + b for a, b in zip(state_sums, values, strict=True)]
-                )
-                count += n
-        if count == 0:
-            raise DataError(f"{split.name} data yielded no examples.")
-        figures = {"loss": loss_sum / count, "regularization_loss": reg_sum / count}
-        figures.update(self._metric_results(state_sums or []))
-        return figures, count
+                    on_batch(n * len(weight_sets))
+        return [self._reduce(outputs, split.name) for outputs in pending]
 
     # --- internals
 
     def _batches(self, split: Split, batch_size: int):
-        """Array data is copied to the device once and sliced there for every checkpoint."""
+        """Array data is copied to the device once, already cut into batches: slicing a
+        tensor costs more Python time per batch than a small model's forward pass."""
         import tensorflow as tf
 
         if not isinstance(split, ArraySplit) or split.nbytes > DEVICE_CACHE_BYTES:
             yield from split.batches(batch_size)
             return
         cached = self._device_data.get(split.name)
-        if cached is None or cached[0] is not split:
-            arrays = tuple(
-                _map(tf.convert_to_tensor, v) for v in (split.x, split.y, split.sample_weight)
-            )
-            cached = self._device_data[split.name] = (split, arrays)
-        for start in range(0, split.count, batch_size):
-            part = slice(start, start + batch_size)
-            yield tuple(_slice_any(v, part) for v in cached[1])
+        if cached is None or cached[0] is not split or cached[1] != batch_size:
+            batches = [
+                tuple(_map(tf.convert_to_tensor, v) for v in batch)
+                for batch in split.batches(batch_size)
+            ]
+            cached = self._device_data[split.name] = (split, batch_size, batches)
+        yield from cached[2]
 
     def _build(self, x, y, sw, split_name: str) -> None:
         import tensorflow as tf
@@ -307,11 +343,20 @@ class Evaluator:
         self._fallback = tf.function(step, jit_compile=False) if self.jit_compile is None else None
         self._built = True
 
-    def _call(self, x, y, sw, split_name: str):
+    def _call(self, x, y, sw, split_name: str, main: bool = True):
+        """One step. ``main``: a batch of the size most batches have.
+
+        XLA compiles once per input shape, and on a CPU one compilation costs about as much
+        as evaluating a few full passes' worth of batches. So, unless XLA was asked for
+        explicitly, only the main batch size is compiled; the other sizes (each split's
+        last batch) run in a plain graph, whose tracing is several times cheaper. The graph
+        keeps the static batch size: Keras weighs its per-output loss trackers by it.
+        """
+        step = self._step if main or self._fallback is None else self._fallback
         try:
-            return self._step(x, y, sw)
+            return step(x, y, sw)
         except Exception as e:  # noqa: BLE001
-            if self._fallback is None or not _is_xla_failure(e):
+            if step is not self._step or self._fallback is None or not _is_xla_failure(e):
                 raise DataError(_shape_message(self.model, x, split_name, e)) from e
             warnings.warn(
                 f"trueloss-replay: XLA cannot compile this model ({type(e).__name__}); "
@@ -320,6 +365,30 @@ class Evaluator:
             )
             self._step, self._fallback = self._fallback, None
             return self._step(x, y, sw)
+
+    def _reduce(self, pending: list[tuple[int, Any]], split_name: str):
+        """Per-batch outputs to the split's figures: float64 sums on the host.
+
+        Converting only now lets the device run ahead of the host loop.
+        """
+        loss_sum = reg_sum = 0.0
+        count = 0
+        state_sums: list[np.ndarray] | None = None
+        for n, (data, reg, states) in pending:
+            loss_sum += float(data) * n
+            reg_sum += float(reg) * n
+            values = [np.asarray(s, dtype=np.float64) for s in states]
+            state_sums = (
+                values
+                if state_sums is None
+                else [a + b for a, b in zip(state_sums, values, strict=True)]
+            )
+            count += n
+        if count == 0:
+            raise DataError(f"{split_name} data yielded no examples.")
+        figures = {"loss": loss_sum / count, "regularization_loss": reg_sum / count}
+        figures.update(self._metric_results(state_sums or []))
+        return figures, count
 
     def _metric_results(self, state_sums: Sequence[np.ndarray]) -> dict[str, float]:
         for variable, total in zip(self._state, state_sums, strict=True):
@@ -498,6 +567,7 @@ def replay(
     imports: Iterable[str] = (),
     jit_compile: bool | None = None,
     progress: _Progress | None = None,
+    data_major: bool = False,
 ):
     """Evaluates every checkpoint of a run in inference mode; returns the true-loss History.
 
@@ -521,6 +591,13 @@ def replay(
         imports: modules to import first (custom layers, losses, metrics).
         jit_compile: XLA for the evaluation step; None tries it and falls back.
         progress: an object with the ``_Progress`` hooks (the CLI passes a rich display).
+        data_major: evaluate several checkpoints per produced batch, so that an expensive
+            input pipeline (a ``tf.data`` map that decodes, a ``PyDataset`` reading files)
+            runs once for all of them; their results are written together, so an
+            interrupted replay loses up to a group. Groups are bounded by
+            ``DATA_MAJOR_BYTES`` of staged weights per device (a model larger than half of
+            that is evaluated one checkpoint at a time). Array data already on the device
+            gains nothing from it.
 
     Returns:
         keras.callbacks.History: the true curves (keys in DESIGN.md).
@@ -592,6 +669,7 @@ def replay(
             results,
             failures,
             progress,
+            data_major,
         )
 
     # Unselected checkpoints keep the results stored earlier, so the History covers the run.
@@ -629,6 +707,7 @@ def _evaluate_all(
     results,
     failures,
     progress,
+    data_major=False,
 ) -> None:
     """Spreads checkpoints over devices: one worker thread, one model replica per device."""
     import tensorflow as tf
@@ -640,6 +719,25 @@ def _evaluate_all(
     setup_errors: list[BaseException] = []
     # Every replica is built before any takes work, so the queue spreads over all devices.
     ready = threading.Barrier(len(device_names))
+    share = -(-len(todo) // len(device_names))
+
+    def done(checkpoint, result) -> None:
+        try:
+            runfmt.atomic_write_json(result_path(output, checkpoint.name), result)
+        except TruelossReplayError as e:
+            failed(checkpoint, e)
+            return
+        with lock:
+            results[checkpoint.name] = result
+        progress.checkpoint_done(result, reused=False)
+
+    def failed(checkpoint, error: Exception) -> None:
+        with lock:
+            failures[checkpoint.name] = str(error)
+        progress.checkpoint_failed(checkpoint.name, str(error))
+
+    def context(evaluator):
+        return _Context(evaluator, splits, batch, fingerprints, progress, done, failed)
 
     def worker(device: str) -> None:
         try:
@@ -653,41 +751,14 @@ def _evaluate_all(
             ready.wait()
         except threading.BrokenBarrierError:
             return
-        with ThreadPoolExecutor(max_workers=1) as reader:
-            upcoming = _take(work)
-            future = reader.submit(runfmt.read_weights, upcoming.path) if upcoming else None
-            while upcoming is not None:
-                checkpoint, current = upcoming, future
-                # Read the next checkpoint from disk while this one evaluates: at most two
-                # checkpoints' weights in host memory per device.
-                upcoming = _take(work)
-                future = reader.submit(runfmt.read_weights, upcoming.path) if upcoming else None
-                try:
-                    result = _evaluate_checkpoint(
-                        evaluator,
-                        checkpoint,
-                        current.result(),
-                        splits,
-                        batch,
-                        fingerprints,
-                        manifest,
-                        progress,
-                    )
-                    runfmt.atomic_write_json(result_path(output, checkpoint.name), result)
-                except TruelossReplayError as e:
-                    if isinstance(e, DataError):  # the data, not this checkpoint: stop
-                        setup_errors.append(e)
-                        return
-                    with lock:
-                        failures[checkpoint.name] = str(e)
-                    progress.checkpoint_failed(checkpoint.name, str(e))
-                    continue
-                except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
-                    setup_errors.append(e)
-                    return
-                with lock:
-                    results[checkpoint.name] = result
-                progress.checkpoint_done(result, reused=False)
+        try:
+            group = _group_size(evaluator.model, data_major, share)
+            if group > 1:
+                _data_major_loop(context(evaluator), work, group)
+            else:
+                _checkpoint_major_loop(context(evaluator), work)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
+            setup_errors.append(e)
 
     threads = [threading.Thread(target=worker, args=(d,), daemon=True) for d in device_names]
     for t in threads:
@@ -698,38 +769,120 @@ def _evaluate_all(
         raise setup_errors[0]
 
 
+class _Context:
+    """What a device's worker needs to evaluate checkpoints and report each one."""
+
+    def __init__(self, evaluator, splits, batch, fingerprints, progress, done, failed):
+        self.evaluator = evaluator
+        self.splits = splits
+        self.batch = batch
+        self.fingerprints = fingerprints
+        self.progress = progress
+        self.done = done
+        self.failed = failed
+
+    def result(self, checkpoint, figures, examples, seconds: float) -> dict[str, Any]:
+        return {
+            "format": RESULT_FORMAT,
+            "version": runfmt.FORMAT_VERSION,
+            "checkpoint": checkpoint.name,
+            "epoch": checkpoint.epoch,
+            "step": checkpoint.step,
+            "epoch_end": checkpoint.is_epoch_end,
+            "checkpoint_time": checkpoint.time,
+            "train": figures.get("train"),
+            "val": figures.get("val"),
+            "reported": checkpoint.logs,
+            "examples": examples,
+            "data": self.fingerprints,
+            "batch_size": self.batch,
+            "device": self.evaluator.device,
+            "seconds": seconds,
+            "evaluated": time.time(),
+        }
+
+
+def _checkpoint_major_loop(ctx: _Context, work: queue.Queue) -> None:
+    """One checkpoint at a time, every split; the next checkpoint is read meanwhile."""
+    evaluator = ctx.evaluator
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        upcoming = _take(work)
+        future = reader.submit(runfmt.read_weights, upcoming.path) if upcoming else None
+        while upcoming is not None:
+            checkpoint, current = upcoming, future
+            # Read the next checkpoint from disk while this one evaluates: at most two
+            # checkpoints' weights in host memory per device.
+            upcoming = _take(work)
+            future = reader.submit(runfmt.read_weights, upcoming.path) if upcoming else None
+            started = time.perf_counter()
+            try:
+                evaluator.load(current.result(), str(checkpoint.path))
+                del current
+                figures, examples = {}, {}
+                for name, split in ctx.splits.items():
+                    figures[name], examples[name] = evaluator.evaluate(
+                        split, ctx.batch, ctx.progress.advance
+                    )
+                result = ctx.result(checkpoint, figures, examples, time.perf_counter() - started)
+            except DataError:  # the data, not this checkpoint: stop
+                raise
+            except TruelossReplayError as e:
+                ctx.failed(checkpoint, e)
+                continue
+            ctx.done(checkpoint, result)
+
+
+def _data_major_loop(ctx: _Context, work: queue.Queue, group: int) -> None:
+    """``group`` checkpoints at a time: each batch is produced once for all of them."""
+    evaluator = ctx.evaluator
+    while True:
+        staged = []
+        while len(staged) < group and (checkpoint := _take(work)) is not None:
+            try:
+                # One checkpoint's host arrays at a time; the staged copies live on the device.
+                weights = evaluator.stage(
+                    runfmt.read_weights(checkpoint.path), str(checkpoint.path)
+                )
+            except DataError:
+                raise
+            except TruelossReplayError as e:
+                ctx.failed(checkpoint, e)
+                continue
+            staged.append((checkpoint, weights))
+        if not staged:
+            return
+        started = time.perf_counter()
+        per_split = {
+            name: evaluator.evaluate_many(
+                split, ctx.batch, [w for _, w in staged], ctx.progress.advance
+            )
+            for name, split in ctx.splits.items()
+        }
+        seconds = (time.perf_counter() - started) / len(staged)
+        for i, (checkpoint, _) in enumerate(staged):
+            figures = {name: outcome[i][0] for name, outcome in per_split.items()}
+            examples = {name: outcome[i][1] for name, outcome in per_split.items()}
+            ctx.done(checkpoint, ctx.result(checkpoint, figures, examples, seconds))
+
+
+def _group_size(model, data_major: bool, share: int) -> int:
+    """Checkpoints evaluated per produced batch: 1 (checkpoint-major) unless data-major.
+
+    Data-major pays off when producing a batch costs more than evaluating it. Its staged
+    weights are a copy per checkpoint on the device, bounded by ``DATA_MAJOR_BYTES``; a
+    model larger than half of that is evaluated checkpoint-major.
+    """
+    if not data_major:
+        return 1
+    nbytes = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.weights)
+    fits = DATA_MAJOR_BYTES // max(nbytes, 1)
+    return int(max(1, min(fits, DATA_MAJOR_MAX_GROUP, share)))
+
+
 def _take(work: queue.Queue):
     with contextlib.suppress(queue.Empty):
         return work.get_nowait()
     return None
-
-
-def _evaluate_checkpoint(
-    evaluator, checkpoint, weights, splits, batch, fingerprints, manifest, progress
-) -> dict[str, Any]:
-    started = time.perf_counter()
-    evaluator.load(weights, str(checkpoint.path))
-    figures, examples = {}, {}
-    for name, split in splits.items():
-        figures[name], examples[name] = evaluator.evaluate(split, batch, progress.advance)
-    return {
-        "format": RESULT_FORMAT,
-        "version": runfmt.FORMAT_VERSION,
-        "checkpoint": checkpoint.name,
-        "epoch": checkpoint.epoch,
-        "step": checkpoint.step,
-        "epoch_end": checkpoint.is_epoch_end,
-        "checkpoint_time": checkpoint.time,
-        "train": figures.get("train"),
-        "val": figures.get("val"),
-        "reported": checkpoint.logs,
-        "examples": examples,
-        "data": fingerprints,
-        "batch_size": batch,
-        "device": evaluator.device,
-        "seconds": time.perf_counter() - started,
-        "evaluated": time.time(),
-    }
 
 
 def _warn_mixed_data(results: list[dict], run_path: Path) -> None:
