@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -123,3 +124,30 @@ def test_demo_command(tmp_path):
     assert (tmp_path / "demo" / "curves.png").is_file()
     assert (tmp_path / "demo" / "history.csv").is_file()
     assert "At epoch 2 Keras reported a training loss of" in result.output
+
+
+def test_import_finds_a_module_in_the_current_directory(tmp_path, monkeypatch):
+    import keras
+
+    from tests.conftest import make_data
+    from tests.test_replay_errors import CUSTOM_LAYER
+    from trueloss_replay import ReplayCheckpoint
+
+    (tmp_path / "tlr_cli_custom.py").write_text(CUSTOM_LAYER.replace("tlr_test", "tlr_cli"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import tlr_cli_custom
+
+    x, y = make_data(n=64)
+    model = keras.Sequential([keras.Input((8,)), tlr_cli_custom.Scale(), keras.layers.Dense(3)])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[ReplayCheckpoint("run", train_data=(x, y))])
+    # As a fresh `trueloss-replay` process sees it: not imported, not registered, not on the path.
+    keras.saving.get_custom_objects().pop("tlr_cli>Scale")
+    monkeypatch.delitem(sys.modules, "tlr_cli_custom")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in (str(tmp_path), "")])
+    result = _invoke("replay", "run", "--no-progress")
+    assert result.exit_code == 1 and "'tlr_cli>Scale'" in result.output
+    assert "--import MODULE" in result.output
+    result = _invoke("replay", "run", "--no-progress", "--import", "tlr_cli_custom")
+    assert result.exit_code == 0, result.output

@@ -163,6 +163,15 @@ def validate_reference(reference: str, what: str = "data") -> str:
     return reference
 
 
+def put_cwd_on_path() -> str:
+    """Puts the current directory first on ``sys.path``, as uvicorn and gunicorn do, so that
+    a module beside the user is importable even from an installed console script."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    return cwd
+
+
 def import_reference(reference: str, what: str = "data") -> Any:
     """Imports ``module:function`` with the current directory on the import path.
 
@@ -171,10 +180,7 @@ def import_reference(reference: str, what: str = "data") -> Any:
     """
     validate_reference(reference, what)
     module_name, _, attr = reference.partition(":")
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        # As uvicorn and gunicorn do: a module beside the user is importable.
-        sys.path.insert(0, cwd)
+    cwd = put_cwd_on_path()
     try:
         obj = importlib.import_module(module_name)
     except ImportError as e:

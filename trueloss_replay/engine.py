@@ -37,7 +37,13 @@ from typing import Any
 import numpy as np
 
 from trueloss_replay import run as runfmt
-from trueloss_replay.data import ArraySplit, Split, import_reference, resolve_splits
+from trueloss_replay.data import (
+    ArraySplit,
+    Split,
+    import_reference,
+    put_cwd_on_path,
+    resolve_splits,
+)
 from trueloss_replay.errors import (
     DataError,
     ModelLoadError,
@@ -75,11 +81,16 @@ class ReplayIncompleteError(RunFormatError):
 
 def import_modules(modules: Iterable[str]) -> None:
     """Imports modules that register custom layers, losses or metrics (``--import``)."""
+    modules = list(modules)
+    cwd = put_cwd_on_path() if modules else None
     for name in modules:
         try:
             importlib.import_module(name)
         except ImportError as e:
-            raise ModelLoadError(f"cannot import module {name!r} given with --import ({e}).") from e
+            raise ModelLoadError(
+                f"cannot import module {name!r} given with --import ({e}); searched the "
+                f"current directory {cwd} and the Python path."
+            ) from e
 
 
 def load_model(run: runfmt.Run, builder: Callable | str | None = None, unsafe: bool = False):
