@@ -71,7 +71,7 @@ def test_train_and_val_files(run_copy, trained_run, tmp_path):
     assert result.exit_code == 0, result.output
     first = json.loads((run_copy / "replay" / "results" / "e0001.json").read_text())
     assert first["examples"] == {"train": 180, "val": 60}
-    assert first["batch_size"] == 7
+    assert first["batch_size"] == {"train": 7, "val": 7}
 
 
 def test_unreadable_checkpoint_exits_1_after_evaluating_the_others(run_copy):
@@ -151,3 +151,17 @@ def test_import_finds_a_module_in_the_current_directory(tmp_path, monkeypatch):
     assert "--import MODULE" in result.output
     result = _invoke("replay", "run", "--no-progress", "--import", "tlr_cli_custom")
     assert result.exit_code == 0, result.output
+
+
+def test_data_major_gives_the_same_results(run_copy, tmp_path):
+    assert _invoke("replay", run_copy, "--no-progress", "--output", tmp_path / "a").exit_code == 0
+    result = _invoke(
+        "replay", run_copy, "--no-progress", "--data-major", "--output", tmp_path / "b"
+    )
+    assert result.exit_code == 0, result.output
+    for path in (tmp_path / "a").glob("e*.json"):
+        a = json.loads(path.read_text())
+        b = json.loads((tmp_path / "b" / path.name).read_text())
+        for split in ("train", "val"):
+            for key, value in a[split].items():
+                np.testing.assert_allclose(b[split][key], value, rtol=1e-6)

@@ -463,6 +463,11 @@ def _epochs_option(value: str | None):
     metavar="MODULE",
     help="Import a module that registers custom objects (repeatable).",
 )
+@click.option(
+    "--data-major",
+    is_flag=True,
+    help="Evaluate several checkpoints per produced batch (for slow input pipelines).",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def replay(
     run_dir: Path,
@@ -477,6 +482,7 @@ def replay(
     unsafe_deserialization: bool,
     model_ref: str | None,
     imports: tuple[str, ...],
+    data_major: bool,
     no_progress: bool,
 ):
     """Evaluate every checkpoint in inference mode and write the true-loss results.
@@ -511,6 +517,7 @@ def replay(
                 unsafe_deserialization=unsafe_deserialization,
                 model=model_ref,
                 imports=imports,
+                data_major=data_major,
                 progress=progress,
             )
     except ReplayIncompleteError as e:

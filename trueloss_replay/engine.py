@@ -806,7 +806,11 @@ class _Context:
             "reported": checkpoint.logs,
             "examples": examples,
             "data": self.fingerprints,
-            "batch_size": self.batch,
+            # Array data is cut at this size; datasets keep their own batches.
+            "batch_size": {
+                name: self.batch if isinstance(split, ArraySplit) else None
+                for name, split in self.splits.items()
+            },
             "device": self.evaluator.device,
             "seconds": seconds,
             "evaluated": time.time(),
