@@ -406,6 +406,46 @@ def _summary_table(history, title: str):
     return table
 
 
+def _options(*options):
+    def apply(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return apply
+
+
+# What replay and explain both need: where the data comes from, how the model loads.
+_data_options = _options(
+    click.option("--data", metavar="MOD:FN", help="Data factory returning the train and val data."),
+    click.option(
+        "--train",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="Training data: .npz or .h5 with x, y and optionally sample_weight.",
+    ),
+    click.option(
+        "--val",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="Validation data, the same kinds.",
+    ),
+)
+_model_options = _options(
+    click.option(
+        "--unsafe-deserialization",
+        is_flag=True,
+        help="Load model.keras with safe_mode=False (Lambda layers; trusted runs only).",
+    ),
+    click.option("--model", "model_ref", metavar="MOD:FN", help="Builder of the model."),
+    click.option(
+        "--import",
+        "imports",
+        multiple=True,
+        metavar="MODULE",
+        help="Import a module that registers custom objects (repeatable).",
+    ),
+)
+
+
 def _epochs_option(value: str | None):
     from trueloss_replay.engine import parse_epochs
     from trueloss_replay.errors import DataError
@@ -418,17 +458,7 @@ def _epochs_option(value: str | None):
 
 @main.command()
 @click.argument("run_dir", type=_RUN_DIR)
-@click.option("--data", metavar="MOD:FN", help="Data factory returning the train and val data.")
-@click.option(
-    "--train",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Training data: .npz or .h5 with x, y and optionally sample_weight.",
-)
-@click.option(
-    "--val",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Validation data, the same kinds.",
-)
+@_data_options
 @click.option(
     "--batch-size", type=click.IntRange(min=1), help="Evaluation batch size (default 2048)."
 )
@@ -450,19 +480,7 @@ def _epochs_option(value: str | None):
     type=click.Path(file_okay=False, path_type=Path),
     help="Results folder (default RUN_DIR/replay/results).",
 )
-@click.option(
-    "--unsafe-deserialization",
-    is_flag=True,
-    help="Load model.keras with safe_mode=False (Lambda layers; trusted runs only).",
-)
-@click.option("--model", "model_ref", metavar="MOD:FN", help="Builder of the model.")
-@click.option(
-    "--import",
-    "imports",
-    multiple=True,
-    metavar="MODULE",
-    help="Import a module that registers custom objects (repeatable).",
-)
+@_model_options
 @click.option(
     "--data-major",
     is_flag=True,
@@ -545,31 +563,9 @@ def replay(
     help="The training batch size (default: inferred from the steps per epoch).",
 )
 @click.option("--force", is_flag=True, help="Recompute parts that are already stored.")
-@click.option("--data", metavar="MOD:FN", help="Data factory returning the train and val data.")
-@click.option(
-    "--train",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Training data: .npz or .h5 with x, y and optionally sample_weight.",
-)
-@click.option(
-    "--val",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Validation data, the same kinds.",
-)
+@_data_options
 @_output_option
-@click.option(
-    "--unsafe-deserialization",
-    is_flag=True,
-    help="Load model.keras with safe_mode=False (Lambda layers; trusted runs only).",
-)
-@click.option("--model", "model_ref", metavar="MOD:FN", help="Builder of the model.")
-@click.option(
-    "--import",
-    "imports",
-    multiple=True,
-    metavar="MODULE",
-    help="Import a module that registers custom objects (repeatable).",
-)
+@_model_options
 def explain(
     run_dir: Path,
     seeds: int,

@@ -639,7 +639,8 @@ def replay(
         raise RunFormatError(f"cannot create the results folder {output}: {e}") from e
 
     wanted = parse_epochs(epochs)
-    checkpoints = [c for c in run.checkpoints() if wanted is None or c.epoch in wanted]
+    everything = run.checkpoints()  # opens every file once: list it once
+    checkpoints = [c for c in everything if wanted is None or c.epoch in wanted]
     if wanted is not None and not checkpoints:
         raise DataError(f"--epochs selects no checkpoint of {run.path}.")
     failures: dict[str, str] = {c.name: c.error for c in checkpoints if c.error}
@@ -655,7 +656,6 @@ def replay(
             todo.append(c)
 
     batch = batch_size or DEFAULT_BATCH_SIZE
-    first_split = splits["train"]
     per_ckpt = sum(s.num_batches(batch) or 0 for s in splits.values()) or None
     progress.start(len(checkpoints), per_ckpt)
     for c in checkpoints:
@@ -663,7 +663,6 @@ def replay(
             progress.checkpoint_done(results[c.name], reused=True)
         elif c.error:
             progress.checkpoint_failed(c.name, c.error)
-    del first_split
 
     if todo:
         builder = lambda: load_model(run, model, unsafe_deserialization)  # noqa: E731
@@ -684,12 +683,12 @@ def replay(
         )
 
     # Unselected checkpoints keep the results stored earlier, so the History covers the run.
-    for c in run.checkpoints():
+    for c in everything:
         stored = result_path(output, c.name)
         if c.name not in results and c.name not in failures and stored.is_file():
             with contextlib.suppress(RunFormatError):
                 results[c.name] = read_result(stored)
-    ordered = [results[c.name] for c in run.checkpoints() if c.name in results]
+    ordered = [results[c.name] for c in everything if c.name in results]
     _warn_mixed_data(ordered, run.path)
     history = build_history(ordered, run.manifest)
     if output == run.results_dir:
