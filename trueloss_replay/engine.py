@@ -571,6 +571,7 @@ def replay(
     batch_size: int | None = None,
     devices: str | Sequence[str] = "auto",
     epochs: str | Iterable[int] | None = None,
+    epoch_end_only: bool = False,
     force: bool = False,
     output: str | os.PathLike | None = None,
     unsafe_deserialization: bool = False,
@@ -595,6 +596,7 @@ def replay(
         batch_size: evaluation batch size for array data (default 2048, or fewer examples).
         devices: ``auto``, ``cpu``, ``gpu``, GPU indices ``"0,1"``, or device names.
         epochs: which checkpoints, by completed epochs: ``"1,3,5-9"`` or a list of ints.
+        epoch_end_only: skip the checkpoints taken within an epoch (``eNNNN-sSSSSSS.h5``).
         force: recompute results that already exist.
         output: where results go (default ``RUN_DIR/replay/results``).
         unsafe_deserialization: load ``model.keras`` with ``safe_mode=False``.
@@ -640,7 +642,11 @@ def replay(
 
     wanted = parse_epochs(epochs)
     everything = run.checkpoints()  # opens every file once: list it once
-    checkpoints = [c for c in everything if wanted is None or c.epoch in wanted]
+    checkpoints = [
+        c
+        for c in everything
+        if (wanted is None or c.epoch in wanted) and (c.is_epoch_end or not epoch_end_only)
+    ]
     if wanted is not None and not checkpoints:
         raise DataError(f"--epochs selects no checkpoint of {run.path}.")
     failures: dict[str, str] = {c.name: c.error for c in checkpoints if c.error}
