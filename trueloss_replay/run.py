@@ -70,7 +70,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path beside ``path``; on success, fsyncs it and renames it into place.
 
     The caller writes and closes the temporary file inside the block. On an exception the
-    temporary file is removed and ``path`` is left as it was.
+    temporary file is removed and ``path`` is left as it was; an ``OSError`` comes out as a
+    ``RunWriteError`` naming ``path``.
 
     Example:
         >>> with atomic_path("run/manifest.json") as tmp:
@@ -83,9 +84,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         fsync_file(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(e, OSError) and not isinstance(e, RunWriteError):
+            raise RunWriteError(
+                f"could not write {path}: {e.strerror or e}. Check that the folder is "
+                "writable, that nothing else is in the way, and that the disk has space."
+            ) from e
         raise
     _fsync_dir(path.parent)
 
@@ -233,26 +239,20 @@ def write_checkpoint(
     Raises:
         RunWriteError: the file could not be written (nothing partial is left behind).
     """
-    path = Path(path)
-    try:
-        with atomic_path(path) as tmp:
-            with h5py.File(tmp, "w") as f:
-                f.attrs["format"] = CHECKPOINT_FORMAT
-                f.attrs["version"] = FORMAT_VERSION
-                f.attrs["epoch"] = int(epoch)
-                f.attrs["step"] = int(step)
-                f.attrs["time"] = float(time)
-                f.attrs["logs"] = json.dumps(to_jsonable(logs))
-                group = f.create_group("weights")
-                for index, (key, array) in enumerate(weights):
-                    # The position in model.weights: lets a rebuilt model whose layers got
-                    # other auto-generated names (dense_3 for dense) load by structure.
-                    group.create_dataset(key, data=array).attrs["index"] = index
-    except OSError as e:
-        raise RunWriteError(
-            f"could not write checkpoint {path}: {e.strerror or e}. "
-            "Check that the folder is writable and the disk has space."
-        ) from e
+    # atomic_path turns an OSError (h5py's included) into a RunWriteError naming the path.
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = CHECKPOINT_FORMAT
+            f.attrs["version"] = FORMAT_VERSION
+            f.attrs["epoch"] = int(epoch)
+            f.attrs["step"] = int(step)
+            f.attrs["time"] = float(time)
+            f.attrs["logs"] = json.dumps(to_jsonable(logs))
+            group = f.create_group("weights")
+            for index, (key, array) in enumerate(weights):
+                # The position in model.weights: lets a rebuilt model whose layers got
+                # other auto-generated names (dense_3 for dense) load by structure.
+                group.create_dataset(key, data=array).attrs["index"] = index
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
