@@ -191,3 +191,43 @@ def test_missing_custom_object_suggests_import(tmp_path, monkeypatch):
         replay(run)
     history = replay(run, imports=["tlr_custom"])
     assert np.isfinite(history.history["loss"][0])
+
+
+def test_unwritable_result_is_a_failure_of_that_checkpoint_only(run_copy):
+    results = run_copy / "replay" / "results"
+    (results / "e0001.json").mkdir(parents=True)  # something in the way of the result file
+    with pytest.raises(ReplayIncompleteError, match=r"could not write .*e0001.json") as caught:
+        replay(run_copy)
+    assert list(caught.value.failures) == ["e0001.h5"]
+    done = sorted(p.name for p in results.glob("e*.json") if p.is_file())
+    assert done == ["e0000.json", "e0002.json", "e0003.json"]
+
+
+@keras.saving.register_keras_serializable(package="tlr_test")
+class CheckedDense(keras.layers.Dense):
+    """A Dense layer whose call fails at run time on non-finite activations."""
+
+    def call(self, inputs):
+        return tf.debugging.check_numerics(super().call(inputs), "CheckedDense output")
+
+
+def test_runtime_failure_of_one_checkpoint_does_not_stop_the_others(tmp_path):
+    x, y = make_data(n=64)
+    model = keras.Sequential([keras.Input((8,)), CheckedDense(3)])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=2, verbose=0, callbacks=[ReplayCheckpoint(tmp_path, train_data=(x, y))])
+    with h5py.File(tmp_path / "checkpoints" / "e0001.h5", "a") as f:
+        kernel = next(d for n, d in _datasets(f["weights"]) if n.endswith("kernel"))
+        kernel[...] = np.nan
+    with pytest.raises(ReplayIncompleteError, match=r"e0001.h5 \(evaluating the train data failed"):
+        replay(tmp_path, jit_compile=False)
+    done = sorted(p.name for p in (tmp_path / "replay" / "results").glob("e*.json"))
+    assert done == ["e0000.json", "e0002.json"]
+
+
+def _datasets(group):
+    found = []
+    group.visititems(
+        lambda name, obj: found.append((name, obj)) if isinstance(obj, h5py.Dataset) else None
+    )
+    return found

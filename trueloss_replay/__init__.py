@@ -12,7 +12,7 @@ _EXPORTS = {
     "DataError": "trueloss_replay.errors",
     "ModelLoadError": "trueloss_replay.errors",
     "ReplayCheckpoint": "trueloss_replay.callback",
-    "ReplayIncompleteError": "trueloss_replay.engine",
+    "ReplayIncompleteError": "trueloss_replay.errors",
     "Run": "trueloss_replay.run",
     "RunExistsError": "trueloss_replay.errors",
     "RunFormatError": "trueloss_replay.errors",

@@ -46,7 +46,9 @@ from trueloss_replay.data import (
 )
 from trueloss_replay.errors import (
     DataError,
+    EvaluationError,
     ModelLoadError,
+    ReplayIncompleteError,
     RunFormatError,
     TruelossReplayError,
 )
@@ -60,20 +62,6 @@ DEVICE_CACHE_BYTES = 2 * 1024**3
 # and at most this many checkpoints per produced batch.
 DATA_MAJOR_BYTES = 256 * 1024**2
 DATA_MAJOR_MAX_GROUP = 16
-
-
-class ReplayIncompleteError(RunFormatError):
-    """Some checkpoints could not be evaluated; all the others were.
-
-    Attributes:
-        failures: ``{checkpoint name: reason}``.
-        history: the true-loss History of what was evaluated.
-    """
-
-    def __init__(self, message: str, failures: dict[str, str], history: Any):
-        super().__init__(message)
-        self.failures = failures
-        self.history = history
 
 
 # --------------------------------------------------------------------------- model
@@ -221,6 +209,7 @@ class Evaluator:
         self._tracked: list[Any] = []
         self._state: list[Any] = []
         self._device_data: dict[str, Any] = {}
+        self._succeeded = False
 
     # --- public
 
@@ -365,17 +354,22 @@ class Evaluator:
         """
         step = self._step if main or self._fallback is None else self._fallback
         try:
-            return step(x, y, sw)
+            outputs = step(x, y, sw)
         except Exception as e:  # noqa: BLE001
-            if step is not self._step or self._fallback is None or not _is_xla_failure(e):
+            if step is self._step and self._fallback is not None and _is_xla_failure(e):
+                warnings.warn(
+                    f"trueloss-replay: XLA cannot compile this model ({type(e).__name__}); "
+                    "evaluating without jit_compile.",
+                    stacklevel=2,
+                )
+                self._step, self._fallback = self._fallback, None
+                return self._call(x, y, sw, split_name, main)
+            if not self._succeeded:
+                # Nothing has run yet: a model and data that do not fit each other.
                 raise DataError(_shape_message(self.model, x, split_name, e)) from e
-            warnings.warn(
-                f"trueloss-replay: XLA cannot compile this model ({type(e).__name__}); "
-                "evaluating without jit_compile.",
-                stacklevel=2,
-            )
-            self._step, self._fallback = self._fallback, None
-            return self._step(x, y, sw)
+            raise _evaluation_error(e, split_name, _batch_length(x)) from e
+        self._succeeded = True
+        return outputs
 
     def _reduce(self, pending: list[tuple[int, Any]], split_name: str):
         """Per-batch outputs to the split's figures: float64 sums on the host.
@@ -386,9 +380,12 @@ class Evaluator:
         count = 0
         state_sums: list[np.ndarray] | None = None
         for n, (data, reg, states) in pending:
-            loss_sum += float(data) * n
-            reg_sum += float(reg) * n
-            values = [np.asarray(s, dtype=np.float64) for s in states]
+            try:  # an asynchronous device error surfaces when a value is read
+                loss_sum += float(data) * n
+                reg_sum += float(reg) * n
+                values = [np.asarray(s, dtype=np.float64) for s in states]
+            except Exception as e:  # noqa: BLE001
+                raise _evaluation_error(e, split_name, n) from e
             state_sums = (
                 values
                 if state_sums is None
@@ -412,6 +409,16 @@ class Evaluator:
             else:
                 results[metric.name] = float(np.asarray(value))
         return results
+
+
+def _evaluation_error(error: Exception, split_name: str, batch: int) -> EvaluationError:
+    text = " ".join(str(error).split())[:300] or type(error).__name__
+    if "ResourceExhausted" in type(error).__name__ or "out of memory" in text.lower():
+        return EvaluationError(
+            f"evaluating the {split_name} data ran out of device memory at batches of "
+            f"{batch}; pass a smaller --batch-size."
+        )
+    return EvaluationError(f"evaluating the {split_name} data failed: {text}")
 
 
 def _map(fn: Callable, value: Any) -> Any:
@@ -501,6 +508,8 @@ def resolve_devices(spec: str = "auto") -> list[str]:
                 f"{', '.join(cpus + gpus)}."
             )
         chosen.append(matches[0])
+    if not chosen:
+        raise DataError(f"--devices {spec!r} names no device; use auto, cpu, gpu or 0,1.")
     return chosen
 
 
@@ -560,6 +569,23 @@ class _Progress:
     def checkpoint_done(self, result: dict[str, Any], reused: bool) -> None: ...
 
     def checkpoint_failed(self, name: str, reason: str) -> None: ...
+
+
+class _SerializedProgress:
+    """Forwards the progress hooks under a lock: every device's worker calls them."""
+
+    def __init__(self, target: _Progress):
+        self._target = target
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str):
+        hook = getattr(self._target, name)
+
+        def locked(*args, **kwargs):
+            with self._lock:
+                return hook(*args, **kwargs)
+
+        return locked
 
 
 def replay(
@@ -629,11 +655,14 @@ def replay(
     from trueloss_replay.history import build_history, export_history, read_result
 
     run = runfmt.Run(run_dir)
-    progress = progress or _Progress()
+    # Device workers report from their own threads.
+    progress = _SerializedProgress(progress or _Progress())
     import_modules(imports)
     splits = resolve_splits(run, data=data, train=train, val=val)
     fingerprints = {name: split.fingerprint for name, split in splits.items()}
     device_names = resolve_devices(devices) if isinstance(devices, str) else list(devices)
+    if not device_names:
+        raise DataError("devices names no device; use 'auto', 'cpu', 'gpu' or device names.")
     output = Path(output) if output is not None else run.results_dir
     try:
         output.mkdir(parents=True, exist_ok=True)
@@ -662,6 +691,10 @@ def replay(
             todo.append(c)
 
     batch = batch_size or DEFAULT_BATCH_SIZE
+    array_counts = [s.count for s in splits.values() if isinstance(s, ArraySplit)]
+    if batch_size is None and array_counts:
+        # No default batch larger than the data: that shape would occur nowhere.
+        batch = min(batch, max(array_counts))
     per_ckpt = sum(s.num_batches(batch) or 0 for s in splits.values()) or None
     progress.start(len(checkpoints), per_ckpt)
     for c in checkpoints:

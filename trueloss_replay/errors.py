@@ -31,3 +31,21 @@ class DataError(TruelossReplayError, ValueError):
 
 class ModelLoadError(TruelossReplayError, ValueError):
     """The model could not be rebuilt from the run folder."""
+
+
+class EvaluationError(TruelossReplayError, RuntimeError):
+    """Evaluating a checkpoint failed (out of memory, a numeric error in the model)."""
+
+
+class ReplayIncompleteError(TruelossReplayError, RuntimeError):
+    """Some checkpoints could not be evaluated; all the others were.
+
+    Attributes:
+        failures: ``{checkpoint name: reason}``.
+        history: the true-loss History of what was evaluated.
+    """
+
+    def __init__(self, message: str, failures: dict, history):
+        super().__init__(message)
+        self.failures = failures
+        self.history = history
