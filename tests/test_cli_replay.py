@@ -165,3 +165,11 @@ def test_data_major_gives_the_same_results(run_copy, tmp_path):
         for split in ("train", "val"):
             for key, value in a[split].items():
                 np.testing.assert_allclose(b[split][key], value, rtol=1e-6)
+
+
+def test_val_alone_keeps_the_recorded_training_data(run_copy, trained_run, tmp_path):
+    np.savez(tmp_path / "val.npz", x=trained_run.val[0][:30], y=trained_run.val[1][:30])
+    result = _invoke("replay", run_copy, "--no-progress", "--val", tmp_path / "val.npz")
+    assert result.exit_code == 0, result.output
+    first = json.loads((run_copy / "replay" / "results" / "e0001.json").read_text())
+    assert first["examples"] == {"train": 180, "val": 30}

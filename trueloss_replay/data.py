@@ -416,24 +416,27 @@ def call_factory(reference: str) -> dict[str, Any]:
 def resolve_splits(
     run: Any, *, data: str | None = None, train: Any = None, val: Any = None
 ) -> dict[str, Split]:
-    """The data a replay evaluates, by precedence: explicit ``train``/``val`` (arrays, files,
-    datasets), then a ``module:function`` factory (``data``, else the manifest's), then the
-    callback's snapshots in ``RUN_DIR/data/``.
+    """The data a replay evaluates. For each split on its own, the first that is given of:
+    an explicit ``train``/``val`` (arrays, a file, a dataset), the ``module:function``
+    factory (``data``, else the manifest's), the callback's snapshot in ``RUN_DIR/data/``.
+    So ``--val other.npz`` alone keeps the recorded training data.
 
     Raises:
         DataError: no training data can be found, or a source is malformed.
     """
-    sources: dict[str, Any] = {}
-    if train is None and val is None:
-        reference = data or run.manifest.get("data")
-        if reference:
-            sources = call_factory(reference)
-        else:
-            for split, rel in (run.manifest.get("data_files") or {}).items():
-                sources[split] = run.resolve(rel)
+    explicit = {"train": train, "val": val}
+    reference = data or run.manifest.get("data")
+    if reference and any(v is None for v in explicit.values()):
+        recorded = call_factory(reference)
     else:
-        sources = {"train": train, "val": val}
-    if sources.get("train") is None:
+        recorded = {
+            split: run.resolve(rel) for split, rel in (run.manifest.get("data_files") or {}).items()
+        }
+    sources = {
+        name: explicit[name] if explicit[name] is not None else recorded.get(name)
+        for name in ("train", "val")
+    }
+    if sources["train"] is None:
         raise DataError(
             f"no training data for run {run.path}: pass --data MODULE:FUNCTION or --train FILE "
             "(or give ReplayCheckpoint data= or train_data= when training)."
