@@ -8,6 +8,7 @@ import math
 import warnings
 from pathlib import Path
 
+import h5py
 import keras
 import numpy as np
 import pandas as pd
@@ -34,7 +35,7 @@ L2 = 1e-2
 BN_BATCH = 20
 
 
-def _model(cause: str) -> keras.Model:
+def _model(cause: str, optimizer: keras.optimizers.Optimizer | None = None) -> keras.Model:
     keras.utils.set_random_seed(7)
     regularizer = keras.regularizers.L2(L2) if cause == "l2" else None
     layers = [
@@ -47,7 +48,9 @@ def _model(cause: str) -> keras.Model:
         layers.append(keras.layers.Dropout(0.5))
     layers.append(keras.layers.Dense(3, activation="softmax"))
     model = keras.Sequential(layers)
-    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy")
+    model.compile(
+        optimizer=optimizer or keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy"
+    )
     return model
 
 
@@ -55,18 +58,24 @@ def _batch_size(cause: str) -> int:
     return BN_BATCH if cause == "batchnorm" else BATCH
 
 
-def _train_and_explain(cause: str, folder: Path):
+def _train(model: keras.Model, folder: Path, batch_size: int = BATCH, **checkpoint_options):
+    """Fits ``model`` on the module's data into ``folder / "run"``; returns the path and train."""
     x, y = make_data(n=240, seed=1)
     train, val = (x[:180], y[:180]), (x[180:], y[180:])
     path = folder / "run"
-    _model(cause).fit(
+    model.fit(
         *train,
         validation_data=val,
         epochs=EPOCHS,
-        batch_size=_batch_size(cause),
+        batch_size=batch_size,
         verbose=0,
-        callbacks=[ReplayCheckpoint(path, train_data=train, val_data=val)],
+        callbacks=[ReplayCheckpoint(path, train_data=train, val_data=val, **checkpoint_options)],
     )
+    return path, train
+
+
+def _train_and_explain(cause: str, folder: Path):
+    path, train = _train(_model(cause), folder, _batch_size(cause))
     replay(path)
     return cause, path, explain(path, seeds=SEEDS), train
 
@@ -161,6 +170,20 @@ def test_the_drift_is_what_remains(cause_run):
             frame["reported_loss"] - frame["loss"] - frame["gap_penalty"],
             atol=1e-6,
         )
+
+
+def test_drift_vanishes_when_the_weights_never_change(tmp_path):
+    # With a zero learning rate the weights are those of the checkpoint throughout the epoch
+    # and no layer behaves differently in training: Keras' own reported loss is then exactly
+    # the true loss plus the penalty, so the whole decomposition must leave no drift.
+    path, _ = _train(_model("l2", keras.optimizers.SGD(learning_rate=0.0)), tmp_path)
+    frame = explain(path, seeds=2)
+    assert len(frame) == EPOCHS
+    assert (frame["gap_penalty"] > 0.01).all()  # the penalty is part of what must add up
+    np.testing.assert_allclose(
+        frame["loss"] + frame["gap_penalty"], frame["reported_loss"], rtol=1e-5, atol=0
+    )
+    assert (frame["gap_drift"].abs() < 1e-5 * frame["reported_loss"]).all()
 
 
 def test_batchnorm_part_matches_keras_in_training_mode_at_the_training_batch_size(explained):
@@ -319,6 +342,85 @@ def test_a_damaged_checkpoint_is_reported_and_the_others_explained(run_copy):
     (run_copy / "checkpoints/e0002.h5").write_bytes(b"not hdf5")
     with pytest.raises(ExplainIncompleteError, match="e0002.h5") as caught:
         explain(run_copy, seeds=2)
+    assert caught.value.frame["checkpoint"].tolist() == ["e0001.h5", "e0003.h5"]
+
+
+def test_sub_epoch_checkpoints_are_not_replayed(tmp_path):
+    # 180 examples in batches of 32: 6 steps per epoch, a checkpoint every 2 steps.
+    path, _ = _train(_model("none"), tmp_path, save_freq=2)
+    names = [c.name for c in Run(path).checkpoints()]
+    assert any("-s" in name for name in names), names
+    frame = explain(path, seeds=2)
+    assert frame["checkpoint"].tolist() == ["e0001.h5", "e0002.h5"]
+    assert sorted(p.name for p in (path / "replay/results").glob("e*-s*.json")) == []
+
+
+def _drop_a_weight(checkpoint: Path) -> None:
+    with h5py.File(checkpoint, "r+") as f:
+        del f["weights"][_dataset_names(f["weights"])[-1]]
+
+
+def _lose_a_weights_data(checkpoint: Path) -> None:
+    # The file still opens and lists its variables; reading one fails (its data is gone).
+    with h5py.File(checkpoint, "r+") as f:
+        name = _dataset_names(f["weights"])[0]
+        old = f["weights"][name]
+        shape, dtype, attrs = old.shape, old.dtype, dict(old.attrs)
+        del f["weights"][name]
+        gone = str(checkpoint.with_name("gone.bin"))
+        new = f["weights"].create_dataset(
+            name, shape=shape, dtype=dtype, external=[(gone, 0, h5py.h5f.UNLIMITED)]
+        )
+        new.attrs.update(attrs)
+
+
+def _dataset_names(group) -> list[str]:
+    names = []
+    group.visititems(
+        lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None
+    )
+    return names
+
+
+@pytest.mark.parametrize("damage", [_drop_a_weight, _lose_a_weights_data])
+def test_a_checkpoint_damaged_after_its_replay_is_reported_and_the_others_explained(
+    run_copy, damage
+):
+    # The replay results are stored, so replay() reuses them and never reads the weights
+    # again: the damage shows only when explain reads them.
+    replay(run_copy)
+    damage(run_copy / "checkpoints/e0002.h5")
+    with pytest.raises(ExplainIncompleteError, match="e0002.h5") as caught:
+        explain(run_copy, seeds=2)
+    assert list(caught.value.failures) == ["e0002.h5"]
+    assert caught.value.frame["checkpoint"].tolist() == ["e0001.h5", "e0003.h5"]
+    results = run_copy / "replay/results"
+    for name in ("e0001", "e0003"):
+        assert "explain" in json.loads((results / f"{name}.json").read_text())
+    assert "explain" not in json.loads((results / "e0002.json").read_text())
+
+
+def test_a_result_that_cannot_be_written_is_reported_and_the_others_explained(
+    run_copy, monkeypatch
+):
+    import errno
+
+    from trueloss_replay import run as runfmt
+
+    replay(run_copy)
+    write = runfmt.atomic_write_json
+
+    def full_disk(path, obj):
+        if Path(path).name == "e0002.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(path, obj)
+
+    monkeypatch.setattr(runfmt, "atomic_write_json", full_disk)
+    with pytest.raises(ExplainIncompleteError) as caught:
+        explain(run_copy, seeds=2)
+    reason = caught.value.failures["e0002.h5"]
+    assert "could not write" in reason and "e0002.json" in reason
+    assert "No space left on device" in reason
     assert caught.value.frame["checkpoint"].tolist() == ["e0001.h5", "e0003.h5"]
 
 

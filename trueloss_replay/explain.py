@@ -42,7 +42,7 @@ import pandas as pd
 
 from trueloss_replay import run as runfmt
 from trueloss_replay.data import ArraySplit, Split, resolve_splits
-from trueloss_replay.errors import DataError, RunFormatError
+from trueloss_replay.errors import DataError, RunFormatError, TruelossReplayError
 
 DEFAULT_SEEDS = 5
 KERAS_DEFAULT_BATCH_SIZE = 32
@@ -424,7 +424,8 @@ def explain(
         RunFormatError: the run folder is unreadable or has no epoch-end checkpoint.
         DataError: no training data, or data that does not fit the model.
         ModelLoadError: the model cannot be rebuilt.
-        ExplainIncompleteError: some checkpoints failed; ``error.frame`` has the others.
+        ExplainIncompleteError: some checkpoints failed (unreadable, not matching the model,
+            or their result could not be written); ``error.frame`` has the others.
 
     Example:
         >>> frame = explain("runs/exp1")
@@ -465,6 +466,8 @@ def explain(
                 val=splits.get("val"),
                 devices=[device],
                 epochs=[c.epoch for c in usable],
+                # A sub-epoch checkpoint shares its epoch number; it has no reported loss.
+                epoch_end_only=True,
                 output=results_dir,
                 unsafe_deserialization=unsafe_deserialization,
                 model=model,
@@ -500,31 +503,26 @@ def explain(
                         load_model(run, model, unsafe_deserialization), device
                     )
                 layers = training_mode_layers(evaluator.model)
-            weights = runfmt.read_weights(c.path)
-            per_seed = evaluator.losses(
-                train_split,
-                batch_size=batch,
-                seeds=seed_list,
-                weights=weights,
-                source=str(c.path),
-                shuffle=shuffle,
-            )
-            figures = result["train"]
-            parts = decompose(
-                float(reported),
-                float(figures["loss"]),
-                float(figures.get("regularization_loss", 0.0)),
-                float(per_seed.mean()),
-            )
-            stored = {
-                **parts,
-                "training_mode_se": _standard_error(per_seed),
-                "training_mode_losses": per_seed.tolist(),
-                **settings,
-                "layers": layers,
-            }
-            result["explain"] = stored
-            runfmt.atomic_write_json(path, result)
+            try:
+                stored = _explain_checkpoint(
+                    evaluator,
+                    c,
+                    result,
+                    path,
+                    train_split,
+                    settings={**settings, "layers": layers},
+                )
+            except DataError:  # the data or the model, not this checkpoint: stop
+                raise
+            except TruelossReplayError as e:
+                failures[c.name] = str(e)
+                continue
+            except OSError as e:
+                failures[c.name] = (
+                    f"could not write {path}: {e.strerror or e}. Check that the folder is "
+                    "writable and the disk has space."
+                )
+                continue
         if on_checkpoint is not None:
             on_checkpoint(c.name, reuse)
         rows.append(_row(c, result, stored))
@@ -545,6 +543,41 @@ def explain(
             frame,
         )
     return frame
+
+
+def _explain_checkpoint(
+    evaluator: TrainingModeEvaluator,
+    checkpoint: runfmt.Checkpoint,
+    result: dict[str, Any],
+    path: Path,
+    train_split: Split,
+    settings: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Computes one checkpoint's parts and stores them in its result file."""
+    per_seed = evaluator.losses(
+        train_split,
+        batch_size=settings["batch_size"],
+        seeds=settings["seeds"],
+        weights=runfmt.read_weights(checkpoint.path),
+        source=str(checkpoint.path),
+        shuffle=settings["shuffle"],
+    )
+    figures = result["train"]
+    parts = decompose(
+        float(result["reported"]["loss"]),
+        float(figures["loss"]),
+        float(figures.get("regularization_loss", 0.0)),
+        float(per_seed.mean()),
+    )
+    stored = {
+        **parts,
+        "training_mode_se": _standard_error(per_seed),
+        "training_mode_losses": per_seed.tolist(),
+        **settings,
+    }
+    runfmt.atomic_write_json(path, {**result, "explain": stored})
+    result["explain"] = stored
+    return stored
 
 
 def _same_settings(stored: Mapping[str, Any], settings: Mapping[str, Any]) -> bool:
