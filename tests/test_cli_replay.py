@@ -87,8 +87,6 @@ def test_unreadable_checkpoint_exits_1_after_evaluating_the_others(run_copy):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--devices", "gpu"], "TensorFlow sees no GPU"),
-        (["--devices", "/CPU:7"], "there is no device /device:CPU:7"),
         (["--data", "missing_module:load"], "cannot import module 'missing_module'"),
         (["--data", "no colon"], "is not a 'module:function' reference"),
         (["--import", "missing_module_2"], "cannot import module 'missing_module_2'"),
@@ -102,6 +100,20 @@ def test_bad_options_give_one_line_errors(run_copy, args, message):
     assert not (run_copy / "replay" / "results").exists() or not list(
         (run_copy / "replay" / "results").glob("*.json")
     )
+
+
+@pytest.mark.parametrize(
+    "devices, message",
+    [
+        ("gpu", "TensorFlow sees no GPU"),
+        ("/CPU:7", "there is no device /device:CPU:7"),
+        (",", "names no device"),
+    ],
+)
+def test_bad_devices_are_usage_errors(run_copy, devices, message):
+    result = _invoke("replay", run_copy, "--no-progress", "--devices", devices)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
 
 
 def test_model_builder_for_a_run_without_architecture(run_copy, tmp_path, monkeypatch):

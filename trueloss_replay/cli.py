@@ -29,6 +29,11 @@ class _Group(click.Group):
             if ctx.params.get("debug"):
                 raise
             raise click.ClickException(" ".join(str(e).split())) from e
+        except OSError as e:  # a file the library did not expect to fail
+            if ctx.params.get("debug"):
+                raise
+            where = f"{e.filename}: " if e.filename else ""
+            raise click.ClickException(f"{where}{e.strerror or e}") from e
 
 
 @click.group(cls=_Group)
@@ -446,6 +451,16 @@ _model_options = _options(
 )
 
 
+def _devices_option(value: str):
+    from trueloss_replay.engine import resolve_devices
+    from trueloss_replay.errors import DataError
+
+    try:
+        return resolve_devices(value)
+    except DataError as e:
+        raise click.BadParameter(str(e).split(": ", 1)[-1]) from e
+
+
 def _epochs_option(value: str | None):
     from trueloss_replay.engine import parse_epochs
     from trueloss_replay.errors import DataError
@@ -466,6 +481,7 @@ def _epochs_option(value: str | None):
     "--devices",
     default="auto",
     show_default=True,
+    callback=lambda ctx, param, value: _devices_option(value),
     help="auto, cpu, gpu, GPU indices like 0,1, or device names like /CPU:0,/CPU:1.",
 )
 @click.option(
@@ -493,7 +509,7 @@ def replay(
     train: Path | None,
     val: Path | None,
     batch_size: int | None,
-    devices: str,
+    devices: list[str],
     epochs: set[int] | None,
     force: bool,
     output: Path | None,
