@@ -183,17 +183,21 @@ def plot(
         trueloss-replay plot runs/exp1 -o loss.svg --metric loss
         trueloss-replay plot runs/exp1 --explain
     """
-    from trueloss_replay.plot import PlotError, plot_run
+    from trueloss_replay.plot import FORMATS, PlotError, plot_run
 
+    if out is not None and out.suffix.lower() not in FORMATS:
+        raise click.BadParameter(
+            f"cannot save a figure as {out.name!r}: the name must end in {', '.join(FORMATS)}.",
+            param_hint="'-o'",
+        )
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RuntimeWarning)
             path = plot_run(run_dir, out, list(metrics) or None, output, explain=explain)
     except PlotError as e:
-        if explain and "explain" in str(e):
-            raise click.ClickException(str(e)) from e
-        hint = "'--metric'" if metrics and "to plot" in str(e) else "'-o'"
-        raise click.BadParameter(str(e), param_hint=hint) from e
+        if metrics and "has no" in str(e) and "to plot" in str(e):  # a --metric it lacks
+            raise click.BadParameter(str(e), param_hint="'--metric'") from e
+        raise click.ClickException(str(e)) from e
     for warning in caught:  # one line each, without Python's source-line decoration
         click.echo(f"Warning: {warning.message}", err=True)
     click.echo(f"wrote {path}")

@@ -49,3 +49,21 @@ class ReplayIncompleteError(TruelossReplayError, RuntimeError):
         super().__init__(message)
         self.failures = failures
         self.history = history
+
+
+class ExplainIncompleteError(TruelossReplayError, RuntimeError):
+    """Some checkpoints could not be explained; all the others were.
+
+    Attributes:
+        failures: ``{checkpoint name: reason}``.
+        frame: the table of the checkpoints that were explained.
+    """
+
+    def __init__(self, message: str, failures: dict, frame):
+        super().__init__(message)
+        self.failures = failures
+        self.frame = frame
+
+
+class PlotError(TruelossReplayError, ValueError):
+    """A quantity asked for is not in the History, or a figure format is not supported."""

@@ -42,7 +42,12 @@ import pandas as pd
 
 from trueloss_replay import run as runfmt
 from trueloss_replay.data import ArraySplit, Split, resolve_splits
-from trueloss_replay.errors import DataError, RunFormatError, TruelossReplayError
+from trueloss_replay.errors import (
+    DataError,
+    ExplainIncompleteError,
+    RunFormatError,
+    TruelossReplayError,
+)
 
 DEFAULT_SEEDS = 5
 KERAS_DEFAULT_BATCH_SIZE = 32
@@ -64,20 +69,6 @@ COLUMNS = (
 # Relative difference of true train and val loss beyond which the verdict calls it a gap.
 _FIT_MARGIN = 0.05
 _STRONG_OVERFIT = 0.25
-
-
-class ExplainIncompleteError(RunFormatError):
-    """Some checkpoints could not be explained; all the others were.
-
-    Attributes:
-        failures: ``{checkpoint name: reason}``.
-        frame: the table of the checkpoints that were explained.
-    """
-
-    def __init__(self, message: str, failures: dict[str, str], frame: pd.DataFrame):
-        super().__init__(message)
-        self.failures = failures
-        self.frame = frame
 
 
 # --------------------------------------------------------------------------- batch size

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from trueloss_replay.errors import RunWriteError, TruelossReplayError
+from trueloss_replay.errors import PlotError, RunWriteError
 from trueloss_replay.history import (
     GAP_PREFIX,
     REPORTED_PREFIX,
@@ -42,10 +42,6 @@ _GAP_PARTS = (
     ("gap_drift", "within-epoch drift", "C7"),
 )
 _COLUMNS = 3
-
-
-class PlotError(TruelossReplayError, ValueError):
-    """A quantity asked for is not in the History, or a figure format is not supported."""
 
 
 def quantities(history: Any) -> list[str]:
