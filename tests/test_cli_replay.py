@@ -171,6 +171,7 @@ def test_data_major_gives_the_same_results(run_copy, tmp_path):
         "replay", run_copy, "--no-progress", "--data-major", "--output", tmp_path / "b"
     )
     assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "a").glob("e*.json"))) == 4
     for path in (tmp_path / "a").glob("e*.json"):
         a = json.loads(path.read_text())
         b = json.loads((tmp_path / "b" / path.name).read_text())

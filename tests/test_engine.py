@@ -168,6 +168,7 @@ def test_figures_identical_with_and_without_xla(single_run, tmp_path):
     replay(path, batch_size=50, output=tmp_path / "xla", jit_compile=True)
     replay(path, batch_size=50, output=tmp_path / "plain", jit_compile=False)
     xla, plain = _results(tmp_path / "xla"), _results(tmp_path / "plain")
+    assert sorted(xla) == sorted(plain) == ["e0000", "e0001", "e0002"]
     for name in plain:
         for split in ("train", "val"):
             for key, value in plain[name][split].items():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import threading
 import weakref
 
 import keras
@@ -96,18 +98,21 @@ def _census(monkeypatch):
     """Counts the checkpoints whose weights ``read_weights`` returned and that are still alive."""
     census = {"alive": 0, "peak": 0, "read": 0}
     read = runfmt.read_weights
+    lock = threading.Lock()  # the reader thread and finalizers both count
 
     def counted(path):
         weights = read(path)
-        census["read"] += 1
-        census["alive"] += 1
-        census["peak"] = max(census["peak"], census["alive"])
+        with lock:
+            census["read"] += 1
+            census["alive"] += 1
+            census["peak"] = max(census["peak"], census["alive"])
         left = [len(weights)]
 
         def release():
-            left[0] -= 1
-            if left[0] == 0:
-                census["alive"] -= 1
+            with lock:
+                left[0] -= 1
+                if left[0] == 0:
+                    census["alive"] -= 1
 
         for array in weights.values():
             weakref.finalize(array, release)
@@ -124,4 +129,5 @@ def test_at_most_two_checkpoints_weights_in_host_memory(run_copy, monkeypatch, d
     replay(run_copy, data_major=data_major)
     assert census["read"] == 12
     assert census["peak"] <= 2
+    gc.collect()
     assert census["alive"] == 0
