@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from trueloss_replay import ReplayCheckpoint, Run, load_weights
+from trueloss_replay.data import load_arrays
 from trueloss_replay.errors import DataError, RunExistsError, RunWriteError
 from trueloss_replay.run import read_weights
 
@@ -284,6 +285,64 @@ def test_keep_continues_across_a_resume(tmp_path):
     assert _files(path) == ["e0003.h5", "e0004.h5"]
 
 
+@pytest.mark.parametrize("save_freq", [None, 2], ids=["epoch", "every-2-steps"])
+def test_keep_continues_across_a_resume_with_a_rebuilt_model(tmp_path, save_freq):
+    # The optimizer is not stored: the rebuilt model's starts again at iteration 0, yet
+    # the steps must go on from e0002's, and keep= must prune the oldest, not the newest.
+    path = tmp_path / "run"
+    extra = {} if save_freq is None else {"save_freq": save_freq}
+    _fit(build_model(), path, 2, keep=2, **extra)
+    model = build_model()
+    load_weights(model, path / "checkpoints" / "e0002.h5")
+    assert int(model.optimizer.iterations) == 0
+    _fit(model, path, 4, initial_epoch=2, keep=2, **extra)
+
+    expected = _expected_kept(4, STEPS, save_freq, 2, None)
+    assert _files(path) == expected
+    assert [c["name"] for c in _manifest(path)["checkpoints"]] == expected
+    for c in Run(path).checkpoints():
+        sub_step = None if c.is_epoch_end else int(c.name.split("-s")[1].removesuffix(".h5"))
+        assert c.step == (c.epoch * STEPS if c.is_epoch_end else sub_step), c.name
+        assert c.epoch == c.step // STEPS, c.name
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_data_snapshot_is_taken_before_the_arrays_change(tmp_path):
+    # The callback holds the caller's arrays, not copies; a change made once fit() runs
+    # (here by a callback after ReplayCheckpoint) must not reach data/train.h5.
+    path = tmp_path / "run"
+    x, y = make_data(N)
+    original = x.copy()
+
+    def clobber(epoch, logs):
+        x[:] = 0.0
+
+    # A long switch interval keeps a background writer from taking the GIL between
+    # ReplayCheckpoint's on_epoch_begin and clobber's: the race, made certain.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(5.0)
+    try:
+        build_model().fit(
+            x,
+            y,
+            batch_size=BATCH,
+            epochs=1,
+            verbose=0,
+            callbacks=[
+                ReplayCheckpoint(path, train_data=(x, y), save_initial=False),
+                keras.callbacks.LambdaCallback(on_epoch_begin=clobber),
+            ],
+        )
+    finally:
+        sys.setswitchinterval(interval)
+    stored_x, stored_y, _ = load_arrays(path / "data" / "train.h5")
+    np.testing.assert_array_equal(stored_x, original)
+    np.testing.assert_array_equal(stored_y, y)
+    assert _manifest(path)["data_files"] == {"train": "data/train.h5"}
+
+
 # ----------------------------------------------------------------------------- arguments
 
 
@@ -378,6 +437,44 @@ def test_write_error_with_on_error_raise_stops_fit(tmp_path, blocked):
     assert written[:blocked] == list(range(blocked))
     assert blocked not in written
     _assert_no_partial_files(path, written)
+
+
+@pytest.mark.parametrize("on_error", ["warn", "raise"])
+@pytest.mark.parametrize("blocked", ["model.keras", "data/train.h5"])
+def test_write_error_before_training_stops_fit_before_any_step(tmp_path, on_error, blocked):
+    # Nothing is computed yet, so even on_error="warn" fails fast rather than train a run
+    # that cannot be replayed.
+    path = tmp_path / "run"
+    (path / blocked).mkdir(parents=True)
+    model = build_model()
+    before = model.get_weights()
+    batches = []
+    x, y = make_data(N)
+
+    with pytest.raises(RunWriteError) as info:
+        model.fit(
+            x,
+            y,
+            batch_size=BATCH,
+            epochs=2,
+            verbose=0,
+            callbacks=[
+                ReplayCheckpoint(path, train_data=(x, y), on_error=on_error),
+                keras.callbacks.LambdaCallback(
+                    on_train_batch_end=lambda b, logs: batches.append(b)
+                ),
+            ],
+        )
+
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"could not write {path / blocked} (" in message
+    assert "fit() stops at its start" in message
+    assert "choose another run folder" in message
+    assert batches == []
+    _assert_same_weights(model.get_weights(), before)
+    assert not (path / "manifest.json").exists()
+    assert _hidden_files(path) == []
 
 
 # ----------------------------------------------------------------------------- architecture

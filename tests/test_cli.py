@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 
 import h5py
 import pytest
 from click.testing import CliRunner
 
-from tests.conftest import EPOCHS
+from tests.conftest import EPOCHS, build_model, make_data
+from trueloss_replay import ReplayCheckpoint, load_weights
 from trueloss_replay.cli import main
 from trueloss_replay.errors import RunFormatError
 from trueloss_replay.history import read_json
+from trueloss_replay.run import read_weights
 
 COMMANDS = ["history", "plot", "inspect", "export"]
 
@@ -222,6 +225,48 @@ def test_inspect_verify_names_a_damaged_checkpoint(replayed_run, damage):
     assert result.exit_code == 1
     last = result.output.strip().splitlines()[-1]
     assert last.startswith(f"Error: 1 of {EPOCHS + 1} checkpoints failed verification: e0002.h5")
+
+
+def resumed_run(tmp_path):
+    """A run of build_model() resumed at epoch 2 with a rebuilt model: every variable of
+    the manifest is named sequential_1/dense_2/... where e0000-e0002 have sequential/dense/..."""
+    path = tmp_path / "run"
+    x, y = make_data(96)
+    fit = {"batch_size": 32, "verbose": 0}
+    build_model().fit(x, y, epochs=2, callbacks=[ReplayCheckpoint(path)], **fit)
+    model = build_model()
+    load_weights(model, path / "checkpoints" / "e0002.h5")
+    model.fit(x, y, epochs=3, initial_epoch=2, callbacks=[ReplayCheckpoint(path)], **fit)
+    stored = list(read_weights(path / "checkpoints" / "e0000.h5"))
+    assert [v[0] for v in json.loads((path / "manifest.json").read_text())["variables"]] != stored
+    return path
+
+
+def test_inspect_verify_passes_on_a_run_resumed_with_a_rebuilt_model(tmp_path):
+    path = resumed_run(tmp_path)
+
+    result = invoke("inspect", path, "--verify")
+
+    assert result.exit_code == 0, result.output
+    assert "all 4 checkpoints verified." in result.output
+
+
+def test_inspect_verify_names_a_variable_missing_after_a_resume(tmp_path):
+    path = resumed_run(tmp_path)
+    damaged = path / "checkpoints" / "e0001.h5"
+    dropped = 2  # the first BatchNormalization variable
+    with h5py.File(damaged, "a") as f:
+        del f[f"weights/{list(read_weights(damaged))[dropped]}"]
+    variables = json.loads((path / "manifest.json").read_text())["variables"]
+
+    result = invoke("inspect", path, "--verify")
+
+    assert result.exit_code == 1
+    last = " ".join(result.output.strip().splitlines()[-1].split())
+    assert last.startswith("Error: 1 of 4 checkpoints failed verification: e0001.h5: ")
+    assert f"has no variable {variables[dropped][0]!r} (the model has 8 variables, the file 7)" in (
+        last
+    )
 
 
 def test_inspect_without_verify_marks_an_unreadable_checkpoint(replayed_run):

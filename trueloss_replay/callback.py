@@ -49,18 +49,24 @@ class ReplayCheckpoint(keras.callbacks.Callback):
         keep_every: with ``keep``, also keep every k-th epoch's checkpoint for good.
         data: a ``"module:function"`` reference returning the un-augmented training and
             validation data, recorded in the manifest for replay.
-        train_data: ``(x, y[, sample_weight])`` arrays, snapshotted once to ``data/train.h5``.
+        train_data: ``(x, y[, sample_weight])`` arrays, snapshotted to ``data/train.h5`` when
+            ``fit`` starts, before the first step (so later in-place changes do not leak in).
         val_data: the same for validation, ``data/val.h5``.
         overwrite: replace a run folder that holds another run. Without it a different
             run in the folder is an error; ``fit(..., initial_epoch=k)`` on the same model
             appends to it.
-        on_error: ``"warn"`` (default) warns about a failed write and trains on; ``"raise"``
-            stops training with ``RunWriteError`` at the next epoch end.
+        on_error: ``"warn"`` (default) warns about a failed checkpoint write and trains on;
+            ``"raise"`` stops training with ``RunWriteError`` at the next epoch end. Either
+            way, a failure before the first training step (``model.keras``, the data
+            snapshots, the first manifest) raises ``RunWriteError`` from ``fit``: nothing
+            has been computed yet, so stopping costs nothing, whereas training on would
+            produce a run that cannot be replayed.
         max_pending: how many weight copies may wait for the writer (memory bound).
         save_model: save the architecture to ``model.keras`` (once, at the start).
 
     Raises:
-        RunWriteError: ``run_dir`` cannot be created or written.
+        RunWriteError: ``run_dir`` cannot be created or written (from ``__init__``), or a
+            file written before training starts cannot be (from ``fit``).
         DataError: ``data``, ``train_data`` or ``val_data`` is malformed.
         ValueError: another argument is out of range.
 
@@ -149,11 +155,11 @@ class ReplayCheckpoint(keras.callbacks.Callback):
         if not self._active:
             return
         self._epoch = epoch
-        self._epoch_start_step = self._step
         # A model built lazily (a subclassed model without build()) has no weights until
         # fit() traces its first step: start at the first batch end instead.
         if not self._started and self.model.weights:
             self._start(initial_epoch=epoch)
+        self._epoch_start_step = self._step  # after _start: a resume may move the step on
 
     def on_train_batch_end(self, batch, logs=None):
         if not self._active:
@@ -198,6 +204,7 @@ class ReplayCheckpoint(keras.callbacks.Callback):
                 stacklevel=3,
             )
         self._start(initial_epoch=self._epoch, save_initial=False)
+        self._epoch_start_step = self._step
 
     def _start(self, initial_epoch: int, save_initial: bool = True) -> None:
         signature = runfmt.model_signature(self.model)
@@ -210,17 +217,27 @@ class ReplayCheckpoint(keras.callbacks.Callback):
                 self._clear_previous()
             self._entries = {}
         else:
-            self._entries = {
-                c.name: c.manifest_entry()
+            kept = [
+                c
                 for c in runfmt.list_checkpoints(self.run_dir / runfmt.CHECKPOINT_DIR)
                 if c.error is None
-            }
-        (self.run_dir / runfmt.CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+            ]
+            self._entries = {c.name: c.manifest_entry() for c in kept}
+            if kept:
+                # The optimizer's state is not stored: a model rebuilt for the resume starts
+                # at iteration 0. Go on from the checkpoint fit() resumes from (the last one
+                # in training order), or keep= would prune the new checkpoints first.
+                self._step = max(self._step, kept[-1].step)
+        self._mkdir(self.run_dir / runfmt.CHECKPOINT_DIR)
 
         model_rel = existing.get("model") if existing else None
         if self.save_model and model_rel is None:
             model_rel = self._save_model()
         data_files = dict(existing.get("data_files", {})) if existing else {}
+        # Written now, on the training thread: the arrays are the caller's, not copies, and
+        # fit() has not yet had a chance to let anything change them.
+        for split, arrays in self.splits.items():
+            data_files[split] = self._write_data(split, arrays)
         self._manifest = {
             "format": runfmt.RUN_FORMAT,
             "version": runfmt.FORMAT_VERSION,
@@ -247,9 +264,6 @@ class ReplayCheckpoint(keras.callbacks.Callback):
         )
         self._writer.start()
         self._started = self._running = True
-        for split, arrays in self.splits.items():
-            rel = f"{runfmt.DATA_DIR}/{split}.h5"
-            self._queue.put(("data", rel, arrays))
         if save_initial and self.save_initial and initial_epoch == 0:
             self._snapshot(0, self._step, {})
 
@@ -310,9 +324,7 @@ class ReplayCheckpoint(keras.callbacks.Callback):
             with runfmt.atomic_path(target) as tmp:
                 self.model.save(tmp)
         except OSError as e:
-            raise RunWriteError(
-                f"could not write {target}: {e}. Check the disk and the folder."
-            ) from e
+            raise _early_write_error(target, e) from e
         except Exception as e:  # noqa: BLE001 - any serialization failure means "no architecture"
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
             warnings.warn(
@@ -362,10 +374,8 @@ class ReplayCheckpoint(keras.callbacks.Callback):
             try:
                 if job[0] == "checkpoint":
                     self._write_checkpoint(*job[1:])
-                elif job[0] == "remove":
-                    self._remove_checkpoint(job[1])
                 else:
-                    self._write_data(*job[1:])
+                    self._remove_checkpoint(job[1])
             except Exception as e:  # noqa: BLE001 - reported to the training thread
                 self._report(str(e) if isinstance(e, RunWriteError) else f"{type(e).__name__}: {e}")
 
@@ -382,21 +392,25 @@ class ReplayCheckpoint(keras.callbacks.Callback):
         runfmt.remove_path(self.run_dir / runfmt.CHECKPOINT_DIR / name)
         self._write_manifest()
 
-    def _write_data(self, rel, arrays) -> None:
-        target = self.run_dir / rel
+    def _write_data(self, split: str, arrays) -> str:
+        rel = f"{runfmt.DATA_DIR}/{split}.h5"
+        self._mkdir(self.run_dir / runfmt.DATA_DIR)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            save_arrays(target, arrays)
+            save_arrays(self.run_dir / rel, arrays)
         except OSError as e:
-            raise RunWriteError(f"could not write data snapshot {target}: {e}.") from e
-        with self._lock:
-            self._manifest["data_files"][Path(rel).stem] = rel
-        self._write_manifest()
+            raise _early_write_error(self.run_dir / rel, e) from e
+        return rel
+
+    def _mkdir(self, folder: Path) -> None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _early_write_error(folder, e) from e
 
     def _prune(self) -> None:
         if self.keep is None:
             return
-        names = sorted(self._entries, key=lambda n: (self._entries[n]["step"], n))
+        names = sorted(self._entries, key=lambda n: _training_order(self._entries[n]))
         protected = {
             n
             for n in names
@@ -411,9 +425,7 @@ class ReplayCheckpoint(keras.callbacks.Callback):
 
     def _write_manifest(self) -> None:
         with self._lock:
-            self._manifest["checkpoints"] = sorted(
-                self._entries.values(), key=lambda e: (e["step"], e["name"])
-            )
+            self._manifest["checkpoints"] = sorted(self._entries.values(), key=_training_order)
             path = self.run_dir / runfmt.MANIFEST
             try:
                 runfmt.atomic_write_json(path, self._manifest)
@@ -453,6 +465,20 @@ def _check_writable(run_dir: Path) -> None:
         ) from e
     if (run_dir / runfmt.MANIFEST).is_dir():
         raise RunWriteError(f"{run_dir / runfmt.MANIFEST} is a folder; choose another run folder.")
+
+
+def _early_write_error(path: Path, error: OSError) -> RunWriteError:
+    return RunWriteError(
+        f"could not write {path} ({error.strerror or error}), so fit() stops at its start "
+        "rather than train a run that cannot be replayed. Make that path writable (move "
+        "away what is in its way, free disk space) or choose another run folder."
+    )
+
+
+def _training_order(entry: dict[str, Any]) -> tuple[int, int, int]:
+    # Not the step: after a resume that lost the optimizer, steps say nothing reliable.
+    name = entry["name"]
+    return runfmt.Checkpoint(name, Path(name), entry["epoch"]).sort_key()
 
 
 def _same_variables(stored, signature) -> bool:

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import h5py
 import numpy as np
 import pandas as pd
 
@@ -728,8 +727,8 @@ def describe_run(
     Args:
         run_dir: the run folder.
         output: the results folder, if the replay was given one.
-        verify: open every checkpoint and read all its weights (``run.verify_checkpoint``),
-            and check their names and shapes against the manifest's variables.
+        verify: open every checkpoint, read all its weights, and check them against the
+            manifest's variables by the rule replay loads them with (``run.check_signature``).
 
     Returns:
         A ``RunDescription``; ``problems`` lists the checkpoints that failed.
@@ -773,37 +772,12 @@ def describe_run(
 
 def _verify(path: Path, variables: Any) -> str | None:
     try:
-        runfmt.verify_checkpoint(path)
+        runfmt.read_checkpoint(path)
+        weights = runfmt.read_weights(path)
         if variables:
-            _check_signature(path, variables)
+            # The rule replay loads by: a model rebuilt on resume names its variables
+            # sequential_1/dense_2/..., and the earlier checkpoints are no less healthy.
+            runfmt.check_signature(variables, weights, str(path))
     except (RunFormatError, OSError) as e:
         return _one_line(e)
     return None
-
-
-def _check_signature(path: Path, variables: Sequence[Sequence[Any]]) -> None:
-    expected = {str(key): tuple(int(d) for d in shape) for key, shape, *_ in variables}
-    found: dict[str, tuple[int, ...]] = {}
-    with h5py.File(path, "r") as f:
-        f["weights"].visititems(
-            lambda name, obj: (
-                found.__setitem__(name, tuple(obj.shape)) if isinstance(obj, h5py.Dataset) else None
-            )
-        )
-    for key, shape in expected.items():
-        if key not in found:
-            raise RunFormatError(
-                f"checkpoint {path} has no variable {key!r} (the model has {len(expected)} "
-                f"variables, the file {len(found)}). Was it written by a different model?"
-            )
-        if found[key] != shape:
-            raise RunFormatError(
-                f"checkpoint {path}: variable {key!r} has shape {found[key]}, the model "
-                f"expects {shape}. Was it written by a different model?"
-            )
-    extra = sorted(set(found) - set(expected))
-    if extra:
-        raise RunFormatError(
-            f"checkpoint {path} has variable {extra[0]!r}, which the model lacks. Was it "
-            "written by a different model?"
-        )

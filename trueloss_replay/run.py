@@ -14,6 +14,7 @@ half-written one, even after ``kill -9``. Readers only list final names.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import os
 import re
@@ -344,47 +345,94 @@ def same_structure(a: str, b: str) -> bool:
 def match_weights(model, weights: Mapping[str, np.ndarray], source: str) -> list[np.ndarray]:
     """The checkpoint's arrays in ``model.weights`` order, or ``CheckpointMismatchError``.
 
-    Variables match by path. When the paths differ only in what Keras generates per
-    process (``dense_3`` for ``dense`` in a model rebuilt after others; no ``sequential/``
-    prefix in a Sequential model loaded from ``model.keras``), they match by position,
-    provided every path agrees structurally and every shape agrees.
+    Which file variable feeds which model variable is ``check_signature``'s rule.
     """
-    keys = weight_keys(model)
-    if set(keys) != set(weights) and len(keys) == len(weights):
-        file_keys = list(weights)
-        structural = all(same_structure(a, b) for a, b in zip(keys, file_keys, strict=True))
-        if structural and all(
-            tuple(weights[fk].shape) == tuple(int(d) for d in v.shape)
-            for fk, v in zip(file_keys, model.weights, strict=True)
-        ):
-            return [weights[fk] for fk in file_keys]
-    check_weights(model, weights, source)
-    return [weights[k] for k in keys]
+    return [weights[k] for k in check_signature(model_signature(model), weights, source)]
 
 
 def check_weights(model, weights: Mapping[str, np.ndarray], source: str) -> None:
-    """Raises ``CheckpointMismatchError`` unless ``weights`` fit ``model`` by variable path."""
-    keys = weight_keys(model)
-    missing = [k for k in keys if k not in weights]
-    if missing:
-        raise CheckpointMismatchError(
-            f"checkpoint {source} has no variable {missing[0]!r} (the model has {len(keys)} "
-            f"variables, the file {len(weights)}). Was it written by a different model?"
-        )
-    extra = sorted(set(weights) - set(keys))
-    if extra:
-        raise CheckpointMismatchError(
-            f"checkpoint {source} has variable {extra[0]!r}, which the model lacks (the model "
-            f"has {len(keys)} variables, the file {len(weights)}). Was it written by a "
-            "different model?"
-        )
-    for key, variable in zip(keys, model.weights, strict=True):
-        shape = tuple(int(d) for d in variable.shape)
-        if tuple(weights[key].shape) != shape:
+    """Raises ``CheckpointMismatchError`` unless ``weights`` fit ``model`` (``check_signature``)."""
+    check_signature(model_signature(model), weights, source)
+
+
+def check_signature(
+    signature: Sequence[Sequence[Any]],
+    weights: Mapping[str, np.ndarray | Sequence[int]],
+    source: str,
+) -> list[str]:
+    """Checks a checkpoint's variables against a model's; the one rule for load and verify.
+
+    Variables match by path. When the paths differ only in what Keras generates per
+    process (``dense_3`` for ``dense`` in a model rebuilt after others; no ``sequential/``
+    prefix in a Sequential model loaded from ``model.keras``), they match by position,
+    provided there are as many, every path agrees structurally (``same_structure``) and
+    every shape agrees.
+
+    Args:
+        signature: the model's ``[[key, shape, ...], ...]``, as ``model_signature`` gives it
+            and the manifest's ``variables`` stores it.
+        weights: the checkpoint's arrays (or shapes) by key, in file order.
+        source: the name error messages give the checkpoint.
+
+    Returns:
+        The checkpoint's keys in the order of ``signature``.
+
+    Raises:
+        CheckpointMismatchError: a variable is missing, extra or of another shape; the
+            message names it.
+
+    Example:
+        >>> check_signature(model_signature(model), read_weights("run/checkpoints/e0003.h5"),
+        ...                 "e0003.h5")
+        ['sequential/dense/kernel', 'sequential/dense/bias']
+    """
+    expected = [(str(key), tuple(int(d) for d in shape)) for key, shape, *_ in signature]
+    found = {str(k): tuple(int(d) for d in getattr(v, "shape", v)) for k, v in weights.items()}
+    keys, file_keys = [k for k, _ in expected], list(found)
+    if set(keys) == set(found):
+        pairs = list(zip(expected, keys, strict=True))
+    elif len(keys) == len(file_keys) and all(
+        same_structure(a, b) for a, b in zip(keys, file_keys, strict=True)
+    ):
+        pairs = list(zip(expected, file_keys, strict=True))
+    else:
+        raise _missing_or_extra(keys, file_keys, source)
+    for (key, shape), file_key in pairs:
+        if found[file_key] != shape:
             raise CheckpointMismatchError(
-                f"checkpoint {source}: variable {key!r} has shape {tuple(weights[key].shape)}, "
-                f"the model expects {shape}. Was it written by a different model?"
+                f"checkpoint {source}: variable {key!r} has shape {found[file_key]}, the model "
+                f"expects {shape}. Was it written by a different model?"
             )
+    return [file_key for _, file_key in pairs]
+
+
+def _missing_or_extra(keys: list[str], file_keys: list[str], source: str) -> Exception:
+    # Align the two lists in order, by path without the per-process parts, so that a missing
+    # variable is named even when every path of a rebuilt model differs from the file's.
+    depth = min(len(k.split("/")) for k in [*keys, *file_keys]) if keys and file_keys else 1
+
+    def plain(key: str) -> str:
+        return "/".join(_UNIQUIFIER.sub("", key).split("/")[-depth:])
+
+    counts = f"(the model has {len(keys)} variables, the file {len(file_keys)})"
+    matcher = difflib.SequenceMatcher(
+        None, [plain(k) for k in keys], [plain(k) for k in file_keys], autojunk=False
+    )
+    for tag, i1, _, j1, _ in matcher.get_opcodes():
+        if tag in ("delete", "replace"):
+            return CheckpointMismatchError(
+                f"checkpoint {source} has no variable {keys[i1]!r} {counts}. Was it written "
+                "by a different model?"
+            )
+        if tag == "insert":
+            return CheckpointMismatchError(
+                f"checkpoint {source} has variable {file_keys[j1]!r}, which the model lacks "
+                f"{counts}. Was it written by a different model?"
+            )
+    return CheckpointMismatchError(
+        f"checkpoint {source}: its variables do not match the model's {counts}. Was it "
+        "written by a different model?"
+    )
 
 
 def load_weights(
