@@ -427,13 +427,7 @@ class ReplayCheckpoint(keras.callbacks.Callback):
         with self._lock:
             self._manifest["checkpoints"] = sorted(self._entries.values(), key=_training_order)
             path = self.run_dir / runfmt.MANIFEST
-            try:
-                runfmt.atomic_write_json(path, self._manifest)
-            except OSError as e:
-                raise RunWriteError(
-                    f"could not write {path}: {e.strerror or e}. Check that the folder is "
-                    "writable and the disk has space."
-                ) from e
+            runfmt.atomic_write_json(path, self._manifest)  # a RunWriteError names the path
 
     def _report(self, message: str) -> None:
         with self._lock:
@@ -467,9 +461,16 @@ def _check_writable(run_dir: Path) -> None:
         raise RunWriteError(f"{run_dir / runfmt.MANIFEST} is a folder; choose another run folder.")
 
 
+def _reason(error: OSError) -> str:
+    # atomic_path already wraps the OSError in a RunWriteError: say the root cause once.
+    if isinstance(error, RunWriteError) and isinstance(error.__cause__, OSError):
+        error = error.__cause__
+    return str(error.strerror or error)
+
+
 def _early_write_error(path: Path, error: OSError) -> RunWriteError:
     return RunWriteError(
-        f"could not write {path} ({error.strerror or error}), so fit() stops at its start "
+        f"could not write {path} ({_reason(error)}), so fit() stops at its start "
         "rather than train a run that cannot be replayed. Make that path writable (move "
         "away what is in its way, free disk space) or choose another run folder."
     )
