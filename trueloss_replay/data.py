@@ -204,7 +204,7 @@ def flatten(value: Any) -> list[np.ndarray]:
         return []
     if isinstance(value, dict):
         return [a for key in sorted(value) for a in flatten(value[key])]
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [a for item in value for a in flatten(item)]
     return [value]
 
@@ -276,17 +276,25 @@ class ArraySplit(Split):
     def batches(self, batch_size: int):
         for start in range(0, self.count, batch_size):
             part = slice(start, start + batch_size)
-            yield tuple(_slice(v, part) for v in (self.x, self.y, self.sample_weight))
+            yield tuple(take(v, part) for v in (self.x, self.y, self.sample_weight))
 
 
-def _slice(value: Any, part: slice) -> Any:
+def take(value: Any, index: Any) -> Any:
+    """``value[index]`` for every array of a structure (arrays, dicts, lists, tuples)."""
     if value is None:
         return None
     if isinstance(value, dict):
-        return {k: _slice(v, part) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_slice(v, part) for v in value]
-    return value[part]
+        return {k: take(v, index) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(take(v, index) for v in value)
+    return value[index]
+
+
+def batch_length(x: Any) -> int:
+    """The number of examples in a batch of inputs (an array, or a dict or list of them)."""
+    while isinstance(x, (dict, list, tuple)):
+        x = next(iter(x.values())) if isinstance(x, dict) else x[0]
+    return int(x.shape[0])
 
 
 def _to_numpy(value: Any) -> Any:

@@ -40,9 +40,12 @@ from trueloss_replay import run as runfmt
 from trueloss_replay.data import (
     ArraySplit,
     Split,
+    batch_length,
+    flatten,
     import_reference,
     put_cwd_on_path,
     resolve_splits,
+    take,
 )
 from trueloss_replay.errors import (
     DataError,
@@ -272,7 +275,7 @@ class Evaluator:
         full = batch_size if isinstance(split, ArraySplit) else None
         with tf.device(self.device):
             for x, y, sw in self._batches(split, batch_size):
-                n = _batch_length(x)
+                n = batch_length(x)
                 if n == 0:
                     continue
                 if not self._built:
@@ -314,7 +317,7 @@ class Evaluator:
             # One eager pass on a few examples creates the loss and metric objects and their
             # variables, which a traced function must not create.
             few = slice(0, 2)
-            xs, ys, sws = (_slice_any(v, few) for v in (x, y, sw))
+            xs, ys, sws = (take(v, few) for v in (x, y, sw))
             y_pred = model(xs, training=False)
             model._compile_loss(ys, y_pred, sws)
             if model._compile_metrics is not None:
@@ -367,7 +370,7 @@ class Evaluator:
             if not self._succeeded:
                 # Nothing has run yet: a model and data that do not fit each other.
                 raise DataError(_shape_message(self.model, x, split_name, e)) from e
-            raise _evaluation_error(e, split_name, _batch_length(x)) from e
+            raise _evaluation_error(e, split_name, batch_length(x)) from e
         self._succeeded = True
         return outputs
 
@@ -431,45 +434,19 @@ def _map(fn: Callable, value: Any) -> Any:
     return fn(value)
 
 
-def _batch_length(x: Any) -> int:
-    if isinstance(x, dict):
-        x = next(iter(x.values()))
-    elif isinstance(x, (list, tuple)):
-        x = x[0]
-    return int(x.shape[0])
-
-
-def _slice_any(value: Any, part: slice) -> Any:
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        return {k: _slice_any(v, part) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_slice_any(v, part) for v in value)
-    return value[part]
-
-
 def _is_xla_failure(error: Exception) -> bool:
     text = str(error)
     return any(s in text for s in ("XLA", "xla", "jit_compile", "Compilation failure", "tf2xla"))
 
 
 def _shape_message(model, x, split_name: str, error: Exception) -> str:
-    shapes = [tuple(a.shape) for a in _leaves(x)]
+    shapes = [tuple(a.shape) for a in flatten(x)]
     expected = getattr(model, "input_shape", None)
     first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
     return (
         f"{split_name} data does not fit the model: the model expects inputs of shape "
         f"{expected}, the data has {shapes if len(shapes) > 1 else shapes[0]} ({first})."
     )
-
-
-def _leaves(x: Any) -> list[Any]:
-    if isinstance(x, dict):
-        return [a for v in x.values() for a in _leaves(v)]
-    if isinstance(x, (list, tuple)):
-        return [a for v in x for a in _leaves(v)]
-    return [x]
 
 
 # --------------------------------------------------------------------------- devices

@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from trueloss_replay import run as runfmt
-from trueloss_replay.data import ArraySplit, Split, resolve_splits
+from trueloss_replay.data import ArraySplit, Split, batch_length, resolve_splits, take
 from trueloss_replay.errors import (
     DataError,
     ExplainIncompleteError,
@@ -215,7 +215,7 @@ class TrainingModeEvaluator:
                 total = 0.0
                 count = 0
                 for x, y, sw in self._batches(split, batch_size, seed, shuffle):
-                    n = _batch_length(x)
+                    n = batch_length(x)
                     if n == 0:
                         continue
                     if self._step is None:
@@ -272,7 +272,7 @@ class TrainingModeEvaluator:
         )
         for start in range(0, split.count, batch_size):
             part = order[start : start + batch_size]
-            yield tuple(_take(v, part) for v in (split.x, split.y, split.sample_weight))
+            yield tuple(take(v, part) for v in (split.x, split.y, split.sample_weight))
 
     def _build(self, x, y, sw) -> None:
         import keras
@@ -289,8 +289,8 @@ class TrainingModeEvaluator:
             trackers = [v for m in compile_loss.metrics for v in m.variables]
             saved = [np.array(v.numpy()) for v in trackers]
             with keras.StatelessScope():
-                y_pred = model(_take(x, few), training=False)
-            compile_loss(_take(y, few), y_pred, _take(sw, few))
+                y_pred = model(take(x, few), training=False)
+            compile_loss(take(y, few), y_pred, take(sw, few))
             trackers = [v for m in compile_loss.metrics for v in m.variables]
             for variable, value in zip(trackers, saved, strict=False):
                 variable.assign(value)
@@ -313,22 +313,6 @@ class TrainingModeEvaluator:
             return tf.cast(loss, "float32"), state
 
         self._step = tf.function(step, reduce_retracing=False)
-
-
-def _take(value: Any, index: Any) -> Any:
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        return {k: _take(v, index) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_take(v, index) for v in value)
-    return value[index]
-
-
-def _batch_length(x: Any) -> int:
-    while isinstance(x, (dict, list, tuple)):
-        x = next(iter(x.values())) if isinstance(x, dict) else x[0]
-    return int(x.shape[0])
 
 
 # --------------------------------------------------------------------------- the parts
