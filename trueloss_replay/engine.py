@@ -56,7 +56,6 @@ from trueloss_replay.errors import (
     TruelossReplayError,
 )
 
-RESULT_FORMAT = "trueloss-replay/result"
 DEFAULT_BATCH_SIZE = 2048
 # Array data up to this size is kept on each device for the whole replay; larger data is
 # streamed from host memory batch by batch.
@@ -809,7 +808,7 @@ class _Context:
 
     def result(self, checkpoint, figures, examples, seconds: float) -> dict[str, Any]:
         return {
-            "format": RESULT_FORMAT,
+            "format": runfmt.RESULT_FORMAT,
             "version": runfmt.FORMAT_VERSION,
             "checkpoint": checkpoint.name,
             "epoch": checkpoint.epoch,

@@ -40,7 +40,6 @@ from trueloss_replay.errors import RunFormatError, RunWriteError
 if TYPE_CHECKING:
     import keras
 
-RESULT_FORMAT = "trueloss-replay/result"
 HISTORY_CSV = "history.csv"
 HISTORY_JSON = "history.json"
 
@@ -129,7 +128,7 @@ def read_result(path: str | os.PathLike) -> dict[str, Any]:
         result = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise RunFormatError(f"result file {path} cannot be read ({_one_line(e)}). {fix}") from e
-    if not isinstance(result, dict) or result.get("format") != RESULT_FORMAT:
+    if not isinstance(result, dict) or result.get("format") != runfmt.RESULT_FORMAT:
         found = result.get("format") if isinstance(result, dict) else type(result).__name__
         raise RunFormatError(
             f"result file {path} is not a trueloss-replay result (format {found!r}). {fix}"

@@ -32,6 +32,7 @@ from trueloss_replay.errors import CheckpointMismatchError, RunFormatError, RunW
 
 RUN_FORMAT = "trueloss-replay/run"
 CHECKPOINT_FORMAT = "trueloss-replay/checkpoint"
+RESULT_FORMAT = "trueloss-replay/result"
 FORMAT_VERSION = 1
 
 MANIFEST = "manifest.json"
