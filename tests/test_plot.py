@@ -49,10 +49,17 @@ def test_one_panel_per_quantity_with_true_val_and_reported(replayed_run):
         "train (true)",
         "val",
         "train (reported by Keras)",
+        "val (reported by Keras)",
         "penalty (regularization_loss)",
     ]
-    assert labels(accuracy) == ["train (true)", "val", "train (reported by Keras)"]
+    assert labels(accuracy) == [
+        "train (true)",
+        "val",
+        "train (reported by Keras)",
+        "val (reported by Keras)",
+    ]
     assert line(loss, "train (reported by Keras)").get_linestyle() == "--"
+    assert line(loss, "val (reported by Keras)").get_linestyle() == "--"
 
 
 def test_lines_hold_the_history_against_1_based_epochs(replayed_run):
@@ -64,6 +71,7 @@ def test_lines_hold_the_history_against_1_based_epochs(replayed_run):
         ("train (true)", "loss"),
         ("val", "val_loss"),
         ("train (reported by Keras)", "reported_loss"),
+        ("val (reported by Keras)", "reported_val_loss"),
         ("penalty (regularization_loss)", "regularization_loss"),
     ]:
         xs, ys = line(loss, label).get_data()

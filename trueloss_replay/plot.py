@@ -31,6 +31,7 @@ DEFAULT_FIGURE = "curves.png"
 TRAIN_LABEL = "train (true)"
 VAL_LABEL = "val"
 REPORTED_LABEL = "train (reported by Keras)"
+VAL_REPORTED_LABEL = "val (reported by Keras)"
 PENALTY_LABEL = "penalty (regularization_loss)"
 VAL_PENALTY_LABEL = "val penalty (val_regularization_loss)"
 
@@ -77,7 +78,8 @@ def plot_history(
     """Plots a History: one panel per quantity, true training, validation and reported curves.
 
     On each panel: the true training curve (``train (true)``), validation (``val``) and what
-    Keras reported during training (dashed, ``train (reported by Keras)``); the loss panel
+    Keras reported during training (dashed, ``train (reported by Keras)`` and ``val (reported
+    by Keras)``); the loss panel
     also shows the regularization penalty, the part of the reported loss that is not data
     loss. A plain History from ``model.fit()`` works too (its curves are labelled ``train``
     and ``val``). The x axis counts epochs from 1, as Keras prints them. NaN and infinite
@@ -215,6 +217,8 @@ def _panel(ax, name: str, series, is_replay: bool) -> None:
         (name, TRAIN_LABEL if is_replay else "train", {"color": "C0"}),
         ("val_" + name, VAL_LABEL, {"color": "C1"}),
         (REPORTED_PREFIX + name, REPORTED_LABEL, {"color": "C0", "linestyle": "--"}),
+        # Keras' val_loss carries the penalty too: shown so the two gaps can be compared.
+        (REPORTED_PREFIX + "val_" + name, VAL_REPORTED_LABEL, {"color": "C1", "linestyle": "--"}),
     ]
     if name == "loss":
         lines.append((_PENALTIES[0], PENALTY_LABEL, {"color": "C2", "linestyle": ":"}))
