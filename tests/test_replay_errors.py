@@ -231,3 +231,45 @@ def _datasets(group):
         lambda name, obj: found.append((name, obj)) if isinstance(obj, h5py.Dataset) else None
     )
     return found
+
+
+@keras.saving.register_keras_serializable(package="tlr_test")
+class SmallDevice(keras.layers.Layer):
+    """Identity, on a pretend device that holds at most 32 examples at once: larger batches
+    fail as TensorFlow fails when a GPU runs out of memory."""
+
+    def call(self, inputs):
+        def check(x):
+            if x.shape[0] > 32:
+                raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+            return x
+
+        out = tf.py_function(check, [inputs], inputs.dtype)
+        out.set_shape(inputs.shape)
+        return out
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_the_figures(tmp_path):
+    x, y = make_data(n=100)
+    model = keras.Sequential([keras.Input((8,)), SmallDevice(), keras.layers.Dense(3)])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(
+        x,
+        y,
+        batch_size=20,
+        epochs=1,
+        verbose=0,
+        callbacks=[ReplayCheckpoint(tmp_path, train_data=(x, y))],
+    )
+    with pytest.warns(UserWarning, match="ran out of memory") as caught:
+        history = replay(tmp_path, batch_size=100, jit_compile=False)
+    assert [str(w.message).split("batches of ")[1] for w in caught] == [
+        "50 from now on.",
+        "25 from now on.",
+    ]
+    result = json.loads((tmp_path / "replay" / "results" / "e0001.json").read_text())
+    assert result["batch_size"]["train"] == 25
+    logits = model.predict(x, batch_size=20, verbose=0).astype(np.float64)
+    logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    expected = -np.mean(logp[np.arange(len(y)), y])
+    np.testing.assert_allclose(history.history["loss"][0], expected, rtol=1e-5)

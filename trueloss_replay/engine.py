@@ -366,10 +366,11 @@ class Evaluator:
                 )
                 self._step, self._fallback = self._fallback, None
                 return self._call(x, y, sw, split_name, main)
-            if not self._succeeded:
+            error = _evaluation_error(e, split_name, batch_length(x))
+            if not self._succeeded and not error.out_of_memory:
                 # Nothing has run yet: a model and data that do not fit each other.
                 raise DataError(_shape_message(self.model, x, split_name, e)) from e
-            raise _evaluation_error(e, split_name, batch_length(x)) from e
+            raise error from e
         self._succeeded = True
         return outputs
 
@@ -414,11 +415,14 @@ class Evaluator:
 
 
 def _evaluation_error(error: Exception, split_name: str, batch: int) -> EvaluationError:
-    text = " ".join(str(error).split())[:300] or type(error).__name__
-    if "ResourceExhausted" in type(error).__name__ or "out of memory" in text.lower():
+    full = " ".join(str(error).split())
+    text = full[:300] or type(error).__name__
+    markers = ("ResourceExhausted", "OOM when allocating", "out of memory")
+    if "ResourceExhausted" in type(error).__name__ or any(m in full for m in markers):
         return EvaluationError(
             f"evaluating the {split_name} data ran out of device memory at batches of "
-            f"{batch}; pass a smaller --batch-size."
+            f"{batch}; pass a smaller --batch-size.",
+            out_of_memory=True,
         )
     return EvaluationError(f"evaluating the {split_name} data failed: {text}")
 
@@ -806,6 +810,24 @@ class _Context:
         self.done = done
         self.failed = failed
 
+    def evaluate(self, evaluate: Callable[[int], Any]) -> Any:
+        """``evaluate(batch size)``; when the device runs out of memory on array data, again
+        at half the batch size (the figures do not depend on it), down to a single example.
+        This is what bounds the default batch of 2048 by the device's memory."""
+        while True:
+            try:
+                return evaluate(self.batch)
+            except EvaluationError as e:
+                arrays = any(isinstance(s, ArraySplit) for s in self.splits.values())
+                if not (e.out_of_memory and arrays and self.batch > 1):
+                    raise
+                self.batch //= 2
+                warnings.warn(
+                    f"trueloss-replay: {self.evaluator.device} ran out of memory; evaluating "
+                    f"at batches of {self.batch} from now on.",
+                    stacklevel=2,
+                )
+
     def result(self, checkpoint, figures, examples, seconds: float) -> dict[str, Any]:
         return {
             "format": runfmt.RESULT_FORMAT,
@@ -847,11 +869,14 @@ def _checkpoint_major_loop(ctx: _Context, work: queue.Queue) -> None:
             try:
                 evaluator.load(current.result(), str(checkpoint.path))
                 del current
-                figures, examples = {}, {}
-                for name, split in ctx.splits.items():
-                    figures[name], examples[name] = evaluator.evaluate(
-                        split, ctx.batch, ctx.progress.advance
-                    )
+                outcome = ctx.evaluate(
+                    lambda batch: {
+                        name: evaluator.evaluate(split, batch, ctx.progress.advance)
+                        for name, split in ctx.splits.items()
+                    }
+                )
+                figures = {name: figures for name, (figures, _) in outcome.items()}
+                examples = {name: count for name, (_, count) in outcome.items()}
                 result = ctx.result(checkpoint, figures, examples, time.perf_counter() - started)
             except DataError:  # the data, not this checkpoint: stop
                 raise
@@ -881,12 +906,21 @@ def _data_major_loop(ctx: _Context, work: queue.Queue, group: int) -> None:
         if not staged:
             return
         started = time.perf_counter()
-        per_split = {
-            name: evaluator.evaluate_many(
-                split, ctx.batch, [w for _, w in staged], ctx.progress.advance
+        try:
+            per_split = ctx.evaluate(
+                lambda batch, staged=staged: {
+                    name: evaluator.evaluate_many(
+                        split, batch, [w for _, w in staged], ctx.progress.advance
+                    )
+                    for name, split in ctx.splits.items()
+                }
             )
-            for name, split in ctx.splits.items()
-        }
+        except DataError:
+            raise
+        except TruelossReplayError as e:  # the whole group shared the failing batches
+            for checkpoint, _ in staged:
+                ctx.failed(checkpoint, e)
+            continue
         seconds = (time.perf_counter() - started) / len(staged)
         for i, (checkpoint, _) in enumerate(staged):
             figures = {name: outcome[i][0] for name, outcome in per_split.items()}

@@ -34,7 +34,15 @@ class ModelLoadError(TruelossReplayError, ValueError):
 
 
 class EvaluationError(TruelossReplayError, RuntimeError):
-    """Evaluating a checkpoint failed (out of memory, a numeric error in the model)."""
+    """Evaluating a checkpoint failed (out of memory, a numeric error in the model).
+
+    Attributes:
+        out_of_memory: the device ran out of memory; a smaller batch may fit.
+    """
+
+    def __init__(self, message: str, out_of_memory: bool = False):
+        super().__init__(message)
+        self.out_of_memory = out_of_memory
 
 
 class ReplayIncompleteError(TruelossReplayError, RuntimeError):
