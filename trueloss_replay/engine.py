@@ -687,18 +687,17 @@ def replay(
         builder = lambda: load_model(run, model, unsafe_deserialization)  # noqa: E731
         _evaluate_all(
             todo,
-            splits,
-            device_names,
-            builder,
-            batch,
-            output,
-            fingerprints,
-            jit_compile,
-            run.manifest,
-            results,
-            failures,
-            progress,
-            data_major,
+            splits=splits,
+            device_names=device_names,
+            builder=builder,
+            batch=batch,
+            output=output,
+            fingerprints=fingerprints,
+            jit_compile=jit_compile,
+            results=results,
+            failures=failures,
+            progress=progress,
+            data_major=data_major,
         )
 
     # Unselected checkpoints keep the results stored earlier, so the History covers the run.
@@ -725,6 +724,7 @@ def replay(
 
 def _evaluate_all(
     todo,
+    *,
     splits,
     device_names,
     builder,
@@ -732,7 +732,6 @@ def _evaluate_all(
     output,
     fingerprints,
     jit_compile,
-    manifest,
     results,
     failures,
     progress,
