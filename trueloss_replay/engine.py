@@ -632,7 +632,13 @@ def replay(
         >>> history = replay("runs/exp1")
         >>> history.history["loss"][-1], history.history["reported_loss"][-1]
     """
-    from trueloss_replay.history import build_history, export_history, read_result
+    from trueloss_replay.history import (
+        build_frame,
+        history_from_frame,
+        read_result,
+        replay_folder,
+        write_exports,
+    )
 
     run = runfmt.Run(run_dir)
     # Device workers report from their own threads.
@@ -708,9 +714,12 @@ def replay(
                 results[c.name] = read_result(stored)
     ordered = [results[c.name] for c in everything if c.name in results]
     _warn_mixed_data(ordered, run.path)
-    history = build_history(ordered, run.manifest)
-    if output == run.results_dir:
-        export_history(run.path)
+    # Built from what is in memory; the exports are the same figures, not a second read.
+    frame = build_frame(ordered, run.manifest, everything)
+    history = history_from_frame(frame, run.manifest.get("params"))
+    write_exports(
+        frame, history, replay_folder(run.path, None if output == run.results_dir else output)
+    )
     if failures:
         names = ", ".join(f"{n} ({r})" for n, r in failures.items())
         raise ReplayIncompleteError(

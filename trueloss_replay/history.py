@@ -670,11 +670,18 @@ def export_history(
     run = runfmt.Run(run_dir)
     frame = build_frame(load_results(run_dir, output), run.manifest, run.checkpoints())
     history = history_from_frame(frame, run.manifest.get("params"))
-    folder = replay_folder(run_dir, output)
+    write_exports(frame, history, replay_folder(run_dir, output))
+    return history
+
+
+def write_exports(
+    frame: pd.DataFrame, history: keras.callbacks.History, folder: str | os.PathLike
+) -> None:
+    """Writes ``history.csv`` (the full frame) and ``history.json`` (the History) to ``folder``."""
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_csv(frame, folder / HISTORY_CSV)
     write_json(history, folder / HISTORY_JSON)
-    return history
 
 
 # --------------------------------------------------------------------------- inspect
