@@ -69,7 +69,11 @@ def test_data_factory_from_current_directory(trained_run, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     history = replay(trained_run.path, data="mydata:load", output=tmp_path / "out")
     assert len(history.history["loss"]) == 3
-    assert "val_loss" not in history.history
+    # The factory gives no validation set, so the callback's snapshot supplies it.
+    assert len(history.history["val_loss"]) == 3
+    result = json.loads((tmp_path / "out" / "e0001.json").read_text())
+    assert result["examples"] == {"train": 180, "val": 60}
+    assert result["data"]["train"]["count"] == 180
 
 
 @pytest.mark.parametrize("kind", ["tf.data", "PyDataset", "npz"])
@@ -273,3 +277,28 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_figures(tmp_path):
     logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
     expected = -np.mean(logp[np.arange(len(y)), y])
     np.testing.assert_allclose(history.history["loss"][0], expected, rtol=1e-5)
+
+
+def test_first_checkpoint_failing_at_run_time_is_its_own_failure(tmp_path):
+    x, y = make_data(n=64)
+    model = keras.Sequential([keras.Input((8,)), CheckedDense(3)])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[ReplayCheckpoint(tmp_path, train_data=(x, y))])
+    with h5py.File(tmp_path / "checkpoints" / "e0000.h5", "a") as f:
+        kernel = next(d for n, d in _datasets(f["weights"]) if n.endswith("kernel"))
+        kernel[...] = np.nan
+    with pytest.raises(ReplayIncompleteError, match=r"e0000.h5 \(evaluating the train data failed"):
+        replay(tmp_path, jit_compile=False)
+    assert [p.name for p in (tmp_path / "replay" / "results").glob("e*.json")] == ["e0001.json"]
+
+
+def test_out_of_memory_on_a_dataset_does_not_shrink_the_array_batch(tmp_path):
+    x, y = make_data(n=100)
+    model = keras.Sequential([keras.Input((8,)), SmallDevice(), keras.layers.Dense(3)])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, batch_size=20, epochs=1, verbose=0, callbacks=[ReplayCheckpoint(tmp_path)])
+    val = tf.data.Dataset.from_tensor_slices((x, y)).batch(64)  # its own batches: too big
+    with pytest.warns(UserWarning, match="ran out of memory") as caught:
+        with pytest.raises(ReplayIncompleteError, match="val data ran out of device memory"):
+            replay(tmp_path, train=(x, y), val=val, batch_size=100, jit_compile=False)
+    assert len(caught) == 2  # train: 100 -> 50 -> 25, and no further for val's sake

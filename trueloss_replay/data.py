@@ -432,21 +432,17 @@ def resolve_splits(
     Raises:
         DataError: no training data can be found, or a source is malformed.
     """
-    explicit = {"train": train, "val": val}
-    reference = data or run.manifest.get("data")
-    if reference and any(v is None for v in explicit.values()):
-        recorded = call_factory(reference)
-    else:
-        recorded = {
-            split: run.resolve(rel) for split, rel in (run.manifest.get("data_files") or {}).items()
-        }
-    sources = {
-        name: explicit[name] if explicit[name] is not None else recorded.get(name)
-        for name in ("train", "val")
+    sources: dict[str, Any] = {
+        split: run.resolve(rel) for split, rel in (run.manifest.get("data_files") or {}).items()
     }
-    if sources["train"] is None:
+    reference = data or run.manifest.get("data")
+    if reference and (train is None or val is None):
+        produced = call_factory(reference)
+        sources.update({name: s for name, s in produced.items() if s is not None})
+    sources.update({name: s for name, s in (("train", train), ("val", val)) if s is not None})
+    if sources.get("train") is None:
         raise DataError(
             f"no training data for run {run.path}: pass --data MODULE:FUNCTION or --train FILE "
             "(or give ReplayCheckpoint data= or train_data= when training)."
         )
-    return {name: make_split(name, s) for name, s in sources.items() if s is not None}
+    return {name: make_split(name, sources[name]) for name in ("train", "val") if name in sources}

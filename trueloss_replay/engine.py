@@ -301,12 +301,19 @@ class Evaluator:
             return
         cached = self._device_data.get(split.name)
         if cached is None or cached[0] is not split or cached[1] != batch_size:
-            batches = [
-                tuple(_map(tf.convert_to_tensor, v) for v in batch)
-                for batch in split.batches(batch_size)
-            ]
+            self._device_data.pop(split.name, None)  # never two copies on the device
+            cached = None
+            try:
+                batches = [
+                    tuple(_map(tf.convert_to_tensor, v) for v in batch)
+                    for batch in split.batches(batch_size)
+                ]
+            except Exception as e:  # noqa: BLE001
+                if not _is_out_of_memory(e):
+                    raise
+                batches = None  # the device cannot hold the data: stream it from the host
             cached = self._device_data[split.name] = (split, batch_size, batches)
-        yield from cached[2]
+        yield from cached[2] if cached[2] is not None else split.batches(batch_size)
 
     def _build(self, x, y, sw, split_name: str) -> None:
         import tensorflow as tf
@@ -321,6 +328,8 @@ class Evaluator:
             model._compile_loss(ys, y_pred, sws)
             if model._compile_metrics is not None:
                 model._compile_metrics.update_state(ys, y_pred, sws)
+        except tf.errors.OpError as e:  # a runtime failure at these weights, e.g. NaN checks
+            raise _evaluation_error(e, split_name, batch_length(x)) from e
         except Exception as e:  # noqa: BLE001 - wrong shapes surface as many error types
             raise DataError(_shape_message(model, x, split_name, e)) from e
         self._tracked = [m for m in (model._compile_metrics, *model._compile_loss.metrics) if m]
@@ -354,11 +363,15 @@ class Evaluator:
         last batch) run in a plain graph, whose tracing is several times cheaper. The graph
         keeps the static batch size: Keras weighs its per-output loss trackers by it.
         """
+        import tensorflow as tf
+
         step = self._step if main or self._fallback is None else self._fallback
         try:
             outputs = step(x, y, sw)
         except Exception as e:  # noqa: BLE001
-            if step is self._step and self._fallback is not None and _is_xla_failure(e):
+            error = _evaluation_error(e, split_name, batch_length(x))
+            xla = step is self._step and self._fallback is not None and _is_xla_failure(e)
+            if xla and not error.out_of_memory:
                 warnings.warn(
                     f"trueloss-replay: XLA cannot compile this model ({type(e).__name__}); "
                     "evaluating without jit_compile.",
@@ -366,9 +379,10 @@ class Evaluator:
                 )
                 self._step, self._fallback = self._fallback, None
                 return self._call(x, y, sw, split_name, main)
-            error = _evaluation_error(e, split_name, batch_length(x))
-            if not self._succeeded and not error.out_of_memory:
-                # Nothing has run yet: a model and data that do not fit each other.
+            if not self._succeeded and not isinstance(e, tf.errors.OpError):
+                # Nothing has run yet and tracing failed: model and data do not fit. A
+                # TensorFlow runtime error (out of memory, a numeric check tripped by these
+                # weights) belongs to the checkpoint instead.
                 raise DataError(_shape_message(self.model, x, split_name, e)) from e
             raise error from e
         self._succeeded = True
@@ -415,16 +429,21 @@ class Evaluator:
 
 
 def _evaluation_error(error: Exception, split_name: str, batch: int) -> EvaluationError:
-    full = " ".join(str(error).split())
-    text = full[:300] or type(error).__name__
-    markers = ("ResourceExhausted", "OOM when allocating", "out of memory")
-    if "ResourceExhausted" in type(error).__name__ or any(m in full for m in markers):
+    if _is_out_of_memory(error):
         return EvaluationError(
-            f"evaluating the {split_name} data ran out of device memory at batches of "
-            f"{batch}; pass a smaller --batch-size.",
+            f"evaluating the {split_name} data ran out of device memory at batches of {batch}"
+            "; pass a smaller --batch-size (for array data) or smaller dataset batches.",
             out_of_memory=True,
+            split=split_name,
         )
-    return EvaluationError(f"evaluating the {split_name} data failed: {text}")
+    text = " ".join(str(error).split())[:300] or type(error).__name__
+    return EvaluationError(f"evaluating the {split_name} data failed: {text}", split=split_name)
+
+
+def _is_out_of_memory(error: Exception) -> bool:
+    text = " ".join(str(error).split())
+    markers = ("ResourceExhausted", "OOM when allocating", "out of memory", "Dst tensor is not")
+    return "ResourceExhausted" in type(error).__name__ or any(m in text for m in markers)
 
 
 def _map(fn: Callable, value: Any) -> Any:
@@ -826,8 +845,9 @@ class _Context:
             try:
                 return evaluate(self.batch)
             except EvaluationError as e:
-                arrays = any(isinstance(s, ArraySplit) for s in self.splits.values())
-                if not (e.out_of_memory and arrays and self.batch > 1):
+                # Only array data is cut at this size; a dataset's batches are its own.
+                array = isinstance(self.splits.get(e.split), ArraySplit)
+                if not (e.out_of_memory and array and self.batch > 1):
                     raise
                 self.batch //= 2
                 warnings.warn(

@@ -38,11 +38,13 @@ class EvaluationError(TruelossReplayError, RuntimeError):
 
     Attributes:
         out_of_memory: the device ran out of memory; a smaller batch may fit.
+        split: the split being evaluated (``train`` or ``val``), when known.
     """
 
-    def __init__(self, message: str, out_of_memory: bool = False):
+    def __init__(self, message: str, out_of_memory: bool = False, split: str | None = None):
         super().__init__(message)
         self.out_of_memory = out_of_memory
+        self.split = split
 
 
 class ReplayIncompleteError(TruelossReplayError, RuntimeError):
