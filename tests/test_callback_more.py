@@ -365,6 +365,11 @@ def test_data_snapshot_is_taken_before_the_arrays_change(tmp_path):
         ({"data": "pkg.mod"}, DataError, "module:function"),
         ({"train_data": np.zeros((4, 2))}, DataError, "train_data"),
         ({"val_data": (np.zeros(3),)}, DataError, "val_data"),
+        (
+            {"train_data": (np.array(["a cat", "a dog"]), np.array([0, 1]))},
+            DataError,
+            "train_data x has dtype <U5, which the run folder's HDF5 snapshot cannot store",
+        ),
     ],
 )
 def test_bad_arguments_fail_in_init(tmp_path, kwargs, error, fragment):

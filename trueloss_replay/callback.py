@@ -26,7 +26,7 @@ import keras
 import numpy as np
 
 from trueloss_replay import run as runfmt
-from trueloss_replay.data import as_arrays, save_arrays, validate_reference
+from trueloss_replay.data import as_arrays, check_storable, save_arrays, validate_reference
 from trueloss_replay.errors import RunExistsError, RunFormatError, RunWriteError
 
 _STOP = object()
@@ -117,6 +117,8 @@ class ReplayCheckpoint(keras.callbacks.Callback):
             for name, value in (("train", train_data), ("val", val_data))
             if value is not None
         }
+        for name, arrays in self.splits.items():
+            check_storable(arrays, f"{name}_data")
         self.overwrite = overwrite
         self.on_error = on_error
         self.max_pending = max_pending

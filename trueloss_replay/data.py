@@ -67,6 +67,18 @@ def as_arrays(data: Any, what: str) -> tuple[Any, Any, Any]:
     )
 
 
+def check_storable(arrays: tuple[Any, Any, Any], what: str) -> None:
+    """Raises ``DataError`` when a split holds arrays HDF5 cannot store (text, objects)."""
+    for part, value in zip(_PARTS, arrays, strict=True):
+        for array in flatten(value):
+            if array.dtype.kind in "UOV":
+                raise DataError(
+                    f"{what} {part} has dtype {array.dtype}, which the run folder's HDF5 "
+                    "snapshot cannot store; pass data='module:function' (a factory that "
+                    "returns the data at replay time) instead."
+                )
+
+
 def save_arrays(path: str | os.PathLike, data: Any) -> None:
     """Writes an ``(x, y[, sample_weight])`` split to an HDF5 file atomically.
 
