@@ -329,7 +329,7 @@ class Evaluator:
             if model._compile_metrics is not None:
                 model._compile_metrics.update_state(ys, y_pred, sws)
         except tf.errors.OpError as e:  # a runtime failure at these weights, e.g. NaN checks
-            raise _evaluation_error(e, split_name, batch_length(x)) from e
+            raise evaluation_error(e, split_name, batch_length(x)) from e
         except Exception as e:  # noqa: BLE001 - wrong shapes surface as many error types
             raise DataError(_shape_message(model, x, split_name, e)) from e
         self._tracked = [m for m in (model._compile_metrics, *model._compile_loss.metrics) if m]
@@ -369,7 +369,7 @@ class Evaluator:
         try:
             outputs = step(x, y, sw)
         except Exception as e:  # noqa: BLE001
-            error = _evaluation_error(e, split_name, batch_length(x))
+            error = evaluation_error(e, split_name, batch_length(x))
             xla = step is self._step and self._fallback is not None and _is_xla_failure(e)
             if xla and not error.out_of_memory:
                 warnings.warn(
@@ -402,7 +402,7 @@ class Evaluator:
                 reg_sum += float(reg) * n
                 values = [np.asarray(s, dtype=np.float64) for s in states]
             except Exception as e:  # noqa: BLE001
-                raise _evaluation_error(e, split_name, n) from e
+                raise evaluation_error(e, split_name, n) from e
             state_sums = (
                 values
                 if state_sums is None
@@ -428,7 +428,7 @@ class Evaluator:
         return results
 
 
-def _evaluation_error(error: Exception, split_name: str, batch: int) -> EvaluationError:
+def evaluation_error(error: Exception, split_name: str, batch: int) -> EvaluationError:
     if _is_out_of_memory(error):
         return EvaluationError(
             f"evaluating the {split_name} data ran out of device memory at batches of {batch}"

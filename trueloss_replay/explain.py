@@ -407,8 +407,11 @@ def explain(
         >>> frame[["epoch", "reported_loss", "loss", "gap_penalty", "gap_drift"]]
         >>> print(verdict(frame))
     """
+    import tensorflow as tf
+
     from trueloss_replay.engine import (
         ReplayIncompleteError,
+        evaluation_error,
         import_modules,
         load_model,
         replay,
@@ -471,8 +474,6 @@ def explain(
         reuse = not force and isinstance(stored, dict) and _same_settings(stored, settings)
         if not reuse:
             if evaluator is None:
-                import tensorflow as tf
-
                 with tf.device(device):
                     evaluator = TrainingModeEvaluator(
                         load_model(run, model, unsafe_deserialization), device
@@ -492,6 +493,9 @@ def explain(
             except TruelossReplayError as e:
                 failures[c.name] = str(e)
                 continue
+            except tf.errors.OpError as e:  # at these weights: out of memory, a numeric check
+                failures[c.name] = str(evaluation_error(e, "train", batch))
+                continue
             except OSError as e:
                 failures[c.name] = (
                     f"could not write {path}: {e.strerror or e}. Check that the folder is "
@@ -506,9 +510,8 @@ def explain(
 
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
     frame.attrs["training_mode_layers"] = layers or []
-    if results_dir == run.results_dir:
-        with contextlib.suppress(RunFormatError):
-            export_history(run.path)
+    with contextlib.suppress(RunFormatError):  # the exports now carry the gap_* columns
+        export_history(run.path, None if results_dir == run.results_dir else results_dir)
     if failures:
         names = ", ".join(f"{n} ({' '.join(str(r).split())})" for n, r in failures.items())
         raise ExplainIncompleteError(
