@@ -931,5 +931,74 @@ def _print_replay(summary, info, k, examples, val_examples, batch_size, reps, pr
         )
 
 
+# --------------------------------------------------------------------------- data-major
+
+
+class _DecodingBatches:
+    """A ``PyDataset`` whose batches cost ``delay`` seconds each to produce, as decoding
+    images or reading files would; the model then waits on the pipeline, not the device."""
+
+    def __new__(cls, x, y, batch: int, delay: float):
+        import keras
+
+        class Batches(keras.utils.PyDataset):
+            def __len__(self):
+                return -(-len(x) // batch)
+
+            def __getitem__(self, i):
+                time.sleep(delay)
+                part = slice(i * batch, (i + 1) * batch)
+                return x[part], y[part]
+
+        return Batches()
+
+
+@cli.command("datamajor")
+@click.option("--k", default=8, show_default=True, type=click.IntRange(min=2))
+@click.option("--reps", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--examples", default=8_000, show_default=True, type=click.IntRange(min=8))
+@click.option(
+    "--delay", default=0.02, show_default=True, type=float, help="Seconds to produce a batch."
+)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write JSON.")
+def datamajor_command(k, reps, examples, delay, json_path):
+    """Replay with a slow input pipeline: checkpoint-major vs data-major.
+
+    \b
+    Example:
+        python scripts/bench.py datamajor --k 8 --delay 0.02
+    """
+    from trueloss_replay.engine import replay
+
+    info = machine_info()
+    (x, y), (xv, yv) = reference_data(examples, max(examples // 4, 1))
+    seconds: dict[str, list[float]] = {"checkpoint-major": [], "data-major": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        _make_replay_run(run_dir, k, (x, y), (xv, yv), min(examples, 2_000))
+        train = _DecodingBatches(x, y, 2048, delay)
+        val = _DecodingBatches(xv, yv, 2048, delay)
+        for rep in range(reps):
+            for mode in rotated(list(seconds), rep):
+                started = time.perf_counter()
+                replay(run_dir, train=train, val=val, force=True, data_major=mode == "data-major")
+                seconds[mode].append(time.perf_counter() - started)
+                _log(f"rep {rep + 1}/{reps} {mode:<16} {seconds[mode][-1]:.2f}s")
+    summary = {mode: median(v) for mode, v in seconds.items()}
+    print_machine_info(info)
+    click.echo(
+        f"{k} checkpoints, {examples} + {len(xv)} examples in batches of 2048 that take "
+        f"{delay}s each to produce; {reps} reps, rotated order; medians"
+    )
+    print_table(
+        ["mode", "s per replay", "s per checkpoint", "ratio to checkpoint-major"],
+        [
+            [mode, f"{v:.2f}", f"{v / k:.3f}", f"{v / summary['checkpoint-major']:.2f}"]
+            for mode, v in summary.items()
+        ],
+    )
+    write_json(json_path, {"machine": info, "seconds": seconds, "median": summary})
+
+
 if __name__ == "__main__":
     cli()

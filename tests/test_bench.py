@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
     [
         ["callback", "--examples", "800", "--epochs", "2", "--reps", "1"],
         ["replay", "--examples", "800", "--k", "2", "--reps", "1", "--no-profile"],
+        ["datamajor", "--examples", "800", "--k", "2", "--reps", "1", "--delay", "0.001"],
     ],
-    ids=["callback", "replay"],
+    ids=["callback", "replay", "datamajor"],
 )
 def test_bench_subcommand_runs_and_writes_json(args, tmp_path):
     out = tmp_path / "bench.json"
@@ -31,5 +32,5 @@ def test_bench_subcommand_runs_and_writes_json(args, tmp_path):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| variant" in done.stdout
+    assert "| variant" in done.stdout or "| mode" in done.stdout
     assert json.loads(out.read_text())
