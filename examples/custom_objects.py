@@ -16,10 +16,10 @@ custom metric, then runs the command line twice to show both outcomes::
 
     cd examples
     python custom_objects.py --epochs 10 --out runs/custom
-    PYTHONPATH=. trueloss-replay replay runs/custom/run --import custom_objects
+    trueloss-replay replay runs/custom/run --import custom_objects
 
-``--import`` imports the module by name, so the folder that holds it must be on the import
-path: ``PYTHONPATH`` as above, or an installed package of your project.
+``--import`` imports the module by name, from the current directory (as ``--data`` and
+``--model`` do) or anywhere on the Python path, e.g. an installed package of your project.
 """
 
 from __future__ import annotations
@@ -143,12 +143,9 @@ def cli_command() -> list[str]:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    # --import MODULE is a plain import: the folder holding custom_objects.py must be on the
-    # import path, hence PYTHONPATH (the shell equivalent: PYTHONPATH=. trueloss-replay ...).
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
+    # Run from this folder: --import finds custom_objects.py in the current directory.
     return subprocess.run(
-        [*cli_command(), *args], cwd=HERE, env=env, capture_output=True, text=True, check=False
+        [*cli_command(), *args], cwd=HERE, capture_output=True, text=True, check=False
     )
 
 
