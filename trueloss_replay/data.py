@@ -291,15 +291,20 @@ class ArraySplit(Split):
             yield tuple(take(v, part) for v in (self.x, self.y, self.sample_weight))
 
 
-def take(value: Any, index: Any) -> Any:
-    """``value[index]`` for every array of a structure (arrays, dicts, lists, tuples)."""
+def map_structure(fn: Any, value: Any) -> Any:
+    """``fn`` applied to every array of a structure (arrays, dicts, lists, tuples; None kept)."""
     if value is None:
         return None
     if isinstance(value, dict):
-        return {k: take(v, index) for k, v in value.items()}
+        return {k: map_structure(fn, v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(take(v, index) for v in value)
-    return value[index]
+        return type(value)(map_structure(fn, v) for v in value)
+    return fn(value)
+
+
+def take(value: Any, index: Any) -> Any:
+    """``value[index]`` for every array of a structure."""
+    return map_structure(lambda array: array[index], value)
 
 
 def batch_length(x: Any) -> int:

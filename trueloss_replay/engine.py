@@ -43,6 +43,7 @@ from trueloss_replay.data import (
     batch_length,
     flatten,
     import_reference,
+    map_structure,
     put_cwd_on_path,
     resolve_splits,
     take,
@@ -305,7 +306,7 @@ class Evaluator:
             cached = None
             try:
                 batches = [
-                    tuple(_map(tf.convert_to_tensor, v) for v in batch)
+                    tuple(map_structure(tf.convert_to_tensor, v) for v in batch)
                     for batch in split.batches(batch_size)
                 ]
             except Exception as e:  # noqa: BLE001
@@ -444,16 +445,6 @@ def _is_out_of_memory(error: Exception) -> bool:
     text = " ".join(str(error).split())
     markers = ("ResourceExhausted", "OOM when allocating", "out of memory", "Dst tensor is not")
     return "ResourceExhausted" in type(error).__name__ or any(m in text for m in markers)
-
-
-def _map(fn: Callable, value: Any) -> Any:
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        return {k: _map(fn, v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_map(fn, v) for v in value)
-    return fn(value)
 
 
 def _is_xla_failure(error: Exception) -> bool:
@@ -736,17 +727,9 @@ def replay(
     # Built from what is in memory; the exports are the same figures, not a second read.
     frame = build_frame(ordered, run.manifest, everything)
     history = history_from_frame(frame, run.manifest.get("params"))
-    write_exports(
-        frame, history, replay_folder(run.path, None if output == run.results_dir else output)
-    )
+    write_exports(frame, history, replay_folder(run.path, output))
     if failures:
-        names = ", ".join(f"{n} ({r})" for n, r in failures.items())
-        raise ReplayIncompleteError(
-            f"{len(failures)} checkpoint(s) of {run.path} could not be evaluated: {names}. "
-            f"The other {len(ordered)} were.",
-            failures,
-            history,
-        )
+        raise ReplayIncompleteError(run.path, failures, history, len(ordered))
     return history
 
 

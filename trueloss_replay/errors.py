@@ -47,6 +47,14 @@ class EvaluationError(TruelossReplayError, RuntimeError):
         self.split = split
 
 
+def _incomplete(run_path, failures: dict, verb: str, done: int) -> str:
+    names = ", ".join(f"{n} ({' '.join(str(r).split())})" for n, r in failures.items())
+    return (
+        f"{len(failures)} checkpoint(s) of {run_path} could not be {verb}: {names}. "
+        f"The other {done} were."
+    )
+
+
 class ReplayIncompleteError(TruelossReplayError, RuntimeError):
     """Some checkpoints could not be evaluated; all the others were.
 
@@ -55,8 +63,8 @@ class ReplayIncompleteError(TruelossReplayError, RuntimeError):
         history: the true-loss History of what was evaluated.
     """
 
-    def __init__(self, message: str, failures: dict, history):
-        super().__init__(message)
+    def __init__(self, run_path, failures: dict, history, done: int):
+        super().__init__(_incomplete(run_path, failures, "evaluated", done))
         self.failures = failures
         self.history = history
 
@@ -69,8 +77,8 @@ class ExplainIncompleteError(TruelossReplayError, RuntimeError):
         frame: the table of the checkpoints that were explained.
     """
 
-    def __init__(self, message: str, failures: dict, frame):
-        super().__init__(message)
+    def __init__(self, run_path, failures: dict, frame):
+        super().__init__(_incomplete(run_path, failures, "explained", len(frame)))
         self.failures = failures
         self.frame = frame
 

@@ -511,15 +511,9 @@ def explain(
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
     frame.attrs["training_mode_layers"] = layers or []
     with contextlib.suppress(RunFormatError):  # the exports now carry the gap_* columns
-        export_history(run.path, None if results_dir == run.results_dir else results_dir)
+        export_history(run.path, results_dir)
     if failures:
-        names = ", ".join(f"{n} ({' '.join(str(r).split())})" for n, r in failures.items())
-        raise ExplainIncompleteError(
-            f"{len(failures)} checkpoint(s) of {run.path} could not be explained: {names}. "
-            f"The other {len(frame)} were.",
-            failures,
-            frame,
-        )
+        raise ExplainIncompleteError(run.path, failures, frame)
     return frame
 
 

@@ -72,7 +72,10 @@ def replay_folder(run_dir: str | os.PathLike, output: str | os.PathLike | None =
     in ``RUN_DIR/replay``; with a results folder of the user's choosing they go inside it
     (their names never look like a result file's, so readers ignore them).
     """
-    return Path(output) if output is not None else Path(run_dir) / runfmt.REPLAY_DIR
+    default = Path(run_dir) / runfmt.REPLAY_DIR
+    if output is None or Path(output).resolve() == (Path(run_dir) / runfmt.RESULTS_DIR).resolve():
+        return default
+    return Path(output)
 
 
 # --------------------------------------------------------------------------- results
