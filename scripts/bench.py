@@ -217,6 +217,42 @@ def _log(message: str) -> None:
 # ---------------------------------------------------------------------- commands
 
 
+def _reps_option(default: int):
+    return click.option(
+        "--reps",
+        default=default,
+        show_default=True,
+        type=click.IntRange(min=1),
+        help="Repetitions of every variant.",
+    )
+
+
+def _examples_option(default: int, minimum: int):
+    return click.option(
+        "--examples",
+        default=default,
+        show_default=True,
+        type=click.IntRange(min=minimum),
+        help="Training examples (validation: a quarter as many). Lower it for a smoke run.",
+    )
+
+
+def _k_option(default: int):
+    return click.option(
+        "--k",
+        "k",
+        default=default,
+        show_default=True,
+        type=click.IntRange(min=2),
+        help="Checkpoints in the run folder.",
+    )
+
+
+_json_option = click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False), help="Also write JSON."
+)
+
+
 @click.group()
 def cli():
     """Benchmarks for the performance targets of DESIGN.md."""
@@ -259,27 +295,15 @@ def _callback_variants(x_train, y_train) -> dict[str, Callable[[Path], list]]:
     type=click.IntRange(min=2),
     help="Epochs per fit; the first is not timed.",
 )
-@click.option(
-    "--reps",
-    default=5,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Repetitions of every variant.",
-)
-@click.option(
-    "--examples",
-    default=REFERENCE_TRAIN,
-    show_default=True,
-    type=click.IntRange(min=4),
-    help="Training examples (validation: a quarter as many). Lower it for a smoke run.",
-)
+@_reps_option(5)
+@_examples_option(REFERENCE_TRAIN, 4)
 @click.option(
     "--variant",
     "only",
     multiple=True,
     help="Run only these variants (repeatable); 'none' is always run.",
 )
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write JSON.")
+@_json_option
 def callback(epochs, reps, examples, only, json_path):
     """Training time with each checkpointing callback / without one.
 
@@ -675,28 +699,9 @@ def _step_calls(evaluator, splits, batch_size: int) -> None:
 
 
 @cli.command("replay")
-@click.option(
-    "--k",
-    "k",
-    default=10,
-    show_default=True,
-    type=click.IntRange(min=2),
-    help="Checkpoints in the run folder.",
-)
-@click.option(
-    "--reps",
-    default=3,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Repetitions of every variant.",
-)
-@click.option(
-    "--examples",
-    default=REFERENCE_TRAIN,
-    show_default=True,
-    type=click.IntRange(min=8),
-    help="Training examples (validation: a quarter as many). Lower it for a smoke run.",
-)
+@_k_option(10)
+@_reps_option(3)
+@_examples_option(REFERENCE_TRAIN, 8)
 @click.option(
     "--batch-size",
     default=2048,
@@ -705,7 +710,7 @@ def _step_calls(evaluator, splits, batch_size: int) -> None:
     help="Batch size of replay, of the reused model and of the floor.",
 )
 @click.option("--profile/--no-profile", default=True, show_default=True, help="Also profile.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write JSON.")
+@_json_option
 def replay_command(k, reps, examples, batch_size, profile, json_path):
     """Replay seconds per checkpoint against the naive loop, a reused model and the floor.
 
@@ -954,13 +959,13 @@ class _DecodingBatches:
 
 
 @cli.command("datamajor")
-@click.option("--k", default=8, show_default=True, type=click.IntRange(min=2))
-@click.option("--reps", default=3, show_default=True, type=click.IntRange(min=1))
-@click.option("--examples", default=8_000, show_default=True, type=click.IntRange(min=8))
+@_k_option(8)
+@_reps_option(3)
+@_examples_option(8_000, 8)
 @click.option(
     "--delay", default=0.02, show_default=True, type=float, help="Seconds to produce a batch."
 )
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write JSON.")
+@_json_option
 def datamajor_command(k, reps, examples, delay, json_path):
     """Replay with a slow input pipeline: checkpoint-major vs data-major.
 
