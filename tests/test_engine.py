@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from trueloss_replay import ReplayCheckpoint
-from trueloss_replay.engine import replay
+from trueloss_replay.scheduler import replay
 
 RTOL = 1e-5
 

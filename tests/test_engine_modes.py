@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from trueloss_replay import run as runfmt
-from trueloss_replay.engine import replay
+from trueloss_replay.scheduler import replay
 
 
 class CountingBatches(keras.utils.PyDataset):

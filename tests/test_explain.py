@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import make_data
 from trueloss_replay import ReplayCheckpoint
-from trueloss_replay.engine import load_model, replay
+from trueloss_replay.engine import load_model
 from trueloss_replay.errors import DataError
 from trueloss_replay.explain import (
     ExplainIncompleteError,
@@ -26,6 +26,7 @@ from trueloss_replay.explain import (
     verdict,
 )
 from trueloss_replay.run import Run, read_weights
+from trueloss_replay.scheduler import replay
 
 EPOCHS = 2
 BATCH = 32

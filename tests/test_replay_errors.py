@@ -11,8 +11,8 @@ import pytest
 import tensorflow as tf
 
 from trueloss_replay import ReplayCheckpoint
-from trueloss_replay.engine import ReplayIncompleteError, parse_epochs, replay
-from trueloss_replay.errors import DataError, ModelLoadError
+from trueloss_replay.errors import DataError, ModelLoadError, ReplayIncompleteError
+from trueloss_replay.scheduler import parse_epochs, replay
 
 from .conftest import build_model, make_data
 

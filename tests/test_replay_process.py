@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trueloss_replay.engine import replay
+from trueloss_replay.scheduler import replay
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,13 +50,13 @@ def _env(**extra):
 
 KILLED_AFTER_TWO = """
 import os, signal, sys
-from trueloss_replay.engine import replay
+from trueloss_replay.scheduler import replay
 
 class KillAfterTwo:
     # kill -9 right after the second result is on disk: no chance to clean up.
     done = 0
     def start(self, *args): pass
-    def advance(self, examples): pass
+    def advance(self, examples, batches=1): pass
     def checkpoint_failed(self, name, reason): pass
     def checkpoint_done(self, result, reused):
         self.done += 1
@@ -95,7 +95,7 @@ import json, sys
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from trueloss_replay.engine import replay
+from trueloss_replay.scheduler import replay
 run, out = sys.argv[1], sys.argv[2]
 replay(run, devices="/CPU:0,/CPU:1", output=out + "/two", batch_size=50)
 replay(run, devices="/CPU:0", output=out + "/one", batch_size=50)

@@ -23,7 +23,7 @@ _EXPORTS = {
     "load_history": "trueloss_replay.history",
     "load_weights": "trueloss_replay.run",
     "plot_history": "trueloss_replay.plot",
-    "replay": "trueloss_replay.engine",
+    "replay": "trueloss_replay.scheduler",
 }
 
 __all__ = sorted(_EXPORTS)

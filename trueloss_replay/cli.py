@@ -456,7 +456,7 @@ _model_options = _options(
 
 
 def _devices_option(value: str):
-    from trueloss_replay.engine import resolve_devices
+    from trueloss_replay.backends import resolve_devices
     from trueloss_replay.errors import DataError
 
     try:
@@ -466,8 +466,8 @@ def _devices_option(value: str):
 
 
 def _epochs_option(value: str | None):
-    from trueloss_replay.engine import parse_epochs
     from trueloss_replay.errors import DataError
+    from trueloss_replay.scheduler import parse_epochs
 
     try:
         return parse_epochs(value)
@@ -536,8 +536,8 @@ def replay(
     """
     import contextlib
 
-    from trueloss_replay.engine import ReplayIncompleteError
-    from trueloss_replay.engine import replay as run_replay
+    from trueloss_replay.errors import ReplayIncompleteError
+    from trueloss_replay.scheduler import replay as run_replay
 
     progress = None if no_progress else _RichProgress()
     try:

@@ -117,9 +117,9 @@ def run_demo(
     import keras
 
     from trueloss_replay.callback import ReplayCheckpoint
-    from trueloss_replay.engine import replay
     from trueloss_replay.history import write_csv
     from trueloss_replay.plot import plot_history
+    from trueloss_replay.scheduler import replay
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

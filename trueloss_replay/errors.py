@@ -85,3 +85,7 @@ class ExplainIncompleteError(TruelossReplayError, RuntimeError):
 
 class PlotError(TruelossReplayError, ValueError):
     """A quantity asked for is not in the History, or a figure format is not supported."""
+
+
+class BackendError(TruelossReplayError, RuntimeError):
+    """Keras runs on a backend trueloss-replay does not support (it supports TensorFlow, JAX)."""

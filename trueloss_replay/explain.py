@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from trueloss_replay import run as runfmt
+from trueloss_replay.backends import get_backend
 from trueloss_replay.data import ArraySplit, Split, batch_length, resolve_splits, take
 from trueloss_replay.errors import (
     DataError,
@@ -160,7 +161,7 @@ class TrainingModeEvaluator:
 
     Args:
         model: a built, compiled Keras model.
-        device: a TensorFlow device name.
+        device: a device name of the current backend (``resolve_devices``).
 
     Example:
         >>> evaluator = TrainingModeEvaluator(model)
@@ -168,9 +169,10 @@ class TrainingModeEvaluator:
         array([0.71, 0.69, 0.70])
     """
 
-    def __init__(self, model, device: str = "/CPU:0"):
+    def __init__(self, model, device: str | None = None):
+        self.backend = get_backend()
         self.model = model
-        self.device = device
+        self.device = device or self.backend.default_device()
         self.traces = 0
         self._step = None
         self._seed_ids = {
@@ -205,9 +207,7 @@ class TrainingModeEvaluator:
             float64 array: per seed, the batch-size-weighted mean of the per-batch compiled
             loss, as Keras aggregates the loss it reports.
         """
-        import tensorflow as tf
-
-        with tf.device(self.device):
+        with self.backend.device_scope(self.device):
             trainable, non_trainable = self._values(weights, source)
             totals = []
             for seed in seeds:
@@ -229,8 +229,6 @@ class TrainingModeEvaluator:
         return np.asarray(totals, dtype=np.float64)
 
     def _values(self, weights, source):
-        import tensorflow as tf
-
         model = self.model
         if weights is None:
             by_id = {}
@@ -241,23 +239,22 @@ class TrainingModeEvaluator:
         def value(variable):
             array = by_id.get(id(variable))
             if array is None:
-                return tf.identity(variable.value)
-            return tf.convert_to_tensor(np.asarray(array, dtype=variable.dtype))
+                array = np.asarray(variable)
+            return self.backend.to_device(np.asarray(array, dtype=variable.dtype), self.device)
 
         trainable = [value(v) for v in model.trainable_variables]
         non_trainable = [value(v) for v in model.non_trainable_variables]
         return trainable, non_trainable
 
     def _seeded(self, non_trainable, seed: int):
-        import tensorflow as tf
-
         values = list(non_trainable)
         index = 0
         for position, variable in enumerate(self.model.non_trainable_variables):
             if id(variable) in self._seed_ids:
                 # One independent stream per generator, so two Dropout layers never share masks.
                 start = np.random.SeedSequence([seed, index]).generate_state(1)[0]
-                values[position] = tf.constant([int(start), 0], dtype=variable.dtype)
+                state = np.array([int(start), 0], dtype=variable.dtype)
+                values[position] = self.backend.to_device(state, self.device)
                 index += 1
         return values
 
@@ -276,7 +273,6 @@ class TrainingModeEvaluator:
 
     def _build(self, x, y, sw) -> None:
         import keras
-        import tensorflow as tf
 
         model = self.model
         compile_loss = model._compile_loss
@@ -310,9 +306,10 @@ class TrainingModeEvaluator:
             state = list(non_trainable)
             for i in seed_positions:
                 state[i] = updated[i]
-            return tf.cast(loss, "float32"), state
+            return keras.ops.cast(loss, "float32"), state
 
-        self._step = tf.function(step, reduce_retracing=False)
+        # Training mode runs once per seed and checkpoint: a plain graph on TensorFlow.
+        self._step = self.backend.compile_step(step, jit=False)
 
 
 # --------------------------------------------------------------------------- the parts
@@ -407,19 +404,13 @@ def explain(
         >>> frame[["epoch", "reported_loss", "loss", "gap_penalty", "gap_drift"]]
         >>> print(verdict(frame))
     """
-    import tensorflow as tf
-
-    from trueloss_replay.engine import (
-        ReplayIncompleteError,
-        evaluation_error,
-        import_modules,
-        load_model,
-        replay,
-        resolve_devices,
-        result_path,
-    )
+    from trueloss_replay.backends import resolve_devices
+    from trueloss_replay.engine import evaluation_error, import_modules, load_model
+    from trueloss_replay.errors import ReplayIncompleteError
     from trueloss_replay.history import export_history, read_result
+    from trueloss_replay.scheduler import replay, result_path
 
+    backend = get_backend()  # an unsupported Keras backend is refused before any work
     run = runfmt.Run(run_dir)
     import_modules(imports)
     seed_list = _seed_list(seeds)
@@ -474,7 +465,7 @@ def explain(
         reuse = not force and isinstance(stored, dict) and _same_settings(stored, settings)
         if not reuse:
             if evaluator is None:
-                with tf.device(device):
+                with backend.device_scope(device):
                     evaluator = TrainingModeEvaluator(
                         load_model(run, model, unsafe_deserialization), device
                     )
@@ -493,14 +484,17 @@ def explain(
             except TruelossReplayError as e:
                 failures[c.name] = str(e)
                 continue
-            except tf.errors.OpError as e:  # at these weights: out of memory, a numeric check
-                failures[c.name] = str(evaluation_error(e, "train", batch))
-                continue
             except OSError as e:
                 failures[c.name] = (
                     f"could not write {path}: {e.strerror or e}. Check that the folder is "
                     "writable and the disk has space."
                 )
+                continue
+            except Exception as e:  # noqa: BLE001
+                if not backend.is_runtime_error(e):
+                    raise
+                # At these weights: out of memory, a numeric check.
+                failures[c.name] = str(evaluation_error(e, "train", batch))
                 continue
         if on_checkpoint is not None:
             on_checkpoint(c.name, reuse)

@@ -1,0 +1,103 @@
+"""The JAX backend: ``jax.device_put`` placement, ``jax.jit`` programs, XLA runtime errors.
+
+The program that loops over batches is ``jax.lax.map`` inside one ``jax.jit``: one XLA
+program runs every batch already on the device, without a Python call per batch. A jitted
+function runs on the device its (committed) arguments live on, so placing the data and the
+weights with ``device_put`` is what picks the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+DISPLAY_NAME = "JAX"
+NAME = "jax"
+
+
+def version() -> str:
+    import jax
+
+    return jax.__version__
+
+
+def _devices() -> dict[str, Any]:
+    import jax
+
+    found = {}
+    for platform in ("gpu", "cpu"):
+        with contextlib.suppress(RuntimeError):  # no such platform in this jaxlib
+            for d in jax.devices(platform):
+                found[f"{'gpu' if platform == 'gpu' else 'cpu'}:{d.id}"] = d
+    return found
+
+
+def list_devices() -> tuple[list[str], list[str]]:
+    """``(gpus, cpus)`` named ``gpu:0``, ``cpu:0``, ..."""
+    names = list(_devices())
+    return [n for n in names if n.startswith("gpu")], [n for n in names if n.startswith("cpu")]
+
+
+def default_device() -> str:
+    gpus, cpus = list_devices()
+    return (gpus or cpus)[0]
+
+
+def device_scope(device: str | None):
+    """A context in which new arrays are placed on ``device`` (``jax.default_device``)."""
+    import jax
+
+    if not device:
+        return contextlib.nullcontext()
+    return jax.default_device(_devices()[device])
+
+
+def to_device(value: Any, device: str | None) -> Any:
+    """An array (or None) as a JAX array committed to ``device``."""
+    import jax
+    import numpy as np
+
+    if value is None:
+        return None
+    if not isinstance(value, jax.Array):
+        value = np.asarray(value)  # tf.data tensors and the like
+    return jax.device_put(value, _devices()[device] if device else None)
+
+
+def compile_step(fn: Callable, jit: bool) -> Callable:
+    """``fn`` jitted; JAX has no plain graph, so ``jit`` is always honoured as True."""
+    import jax
+
+    return jax.jit(fn)
+
+
+def compile_loop(body: Callable, jit: bool, on_trace: Callable | None = None) -> Callable:
+    """``program(params, stacked)``: ``body(params, batch)`` over the leading axis of
+    ``stacked`` (``jax.lax.map``), outputs stacked the same way, in one jitted program."""
+    import jax
+
+    def program(params, stacked):
+        if on_trace is not None:
+            on_trace()
+        return jax.lax.map(lambda batch: body(params, batch), stacked)
+
+    return jax.jit(program)
+
+
+def is_runtime_error(error: BaseException) -> bool:
+    """An error raised while running a program (not while tracing it)."""
+    try:
+        from jax.errors import JaxRuntimeError as runtime
+    except ImportError:  # older JAX
+        from jaxlib.xla_extension import XlaRuntimeError as runtime
+    return isinstance(error, runtime)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    text = " ".join(str(error).split())
+    return any(m in text for m in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory"))
+
+
+def is_compile_failure(error: BaseException) -> bool:
+    return False  # no fallback to offer: every JAX program is XLA

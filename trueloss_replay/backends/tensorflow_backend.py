@@ -1,0 +1,106 @@
+"""The TensorFlow backend: ``tf.device`` placement, ``tf.function`` programs, ``OpError``s.
+
+The program that loops over batches is a ``tf.map_fn`` inside one ``tf.function``; with
+``jit_compile=True`` XLA compiles the loop and its body into one program, so the batches
+already on the device run without a Python call per batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+DISPLAY_NAME = "TensorFlow"
+NAME = "tensorflow"
+
+
+def version() -> str:
+    import tensorflow as tf
+
+    return tf.__version__
+
+
+def list_devices() -> tuple[list[str], list[str]]:
+    """``(gpus, cpus)`` as TensorFlow names them (``/device:GPU:0``)."""
+    import tensorflow as tf
+
+    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+    return gpus, cpus
+
+
+def default_device() -> str:
+    gpus, cpus = list_devices()
+    return (gpus or cpus)[0]
+
+
+def device_scope(device: str | None):
+    """A context in which new tensors and ops are placed on ``device``."""
+    import tensorflow as tf
+
+    return tf.device(device) if device else contextlib.nullcontext()
+
+
+def to_device(value: Any, device: str | None) -> Any:
+    """An array (or None) as a tensor on ``device``."""
+    import tensorflow as tf
+
+    if value is None:
+        return None
+    with device_scope(device):
+        # tf.identity copies a tensor that lives elsewhere onto this device.
+        return tf.identity(tf.convert_to_tensor(value))
+
+
+def compile_step(fn: Callable, jit: bool) -> Callable:
+    """``fn`` as one graph (XLA-compiled when ``jit``), traced once per input shape."""
+    import tensorflow as tf
+
+    return tf.function(fn, jit_compile=jit, reduce_retracing=False, autograph=False)
+
+
+def compile_loop(body: Callable, jit: bool, on_trace: Callable | None = None) -> Callable:
+    """``program(params, stacked)``: ``body(params, batch)`` for each leading-axis slice of
+    ``stacked``, its outputs stacked the same way, in one graph (one XLA program when ``jit``).
+
+    ``stacked`` is a tuple whose items may be None (no sample weights): those stay None.
+    """
+    import tensorflow as tf
+
+    def program(params, stacked):
+        if on_trace is not None:
+            on_trace()
+        present = [i for i, item in enumerate(stacked) if item is not None]
+
+        def one(elems):
+            batch = [None] * len(stacked)
+            for i, item in zip(present, elems, strict=True):
+                batch[i] = item
+            return body(params, tuple(batch))
+
+        elems = tuple(stacked[i] for i in present)
+        first = tf.nest.map_structure(lambda t: t[0], elems)
+        signature = tf.nest.map_structure(tf.TensorSpec.from_tensor, one(first))
+        return tf.map_fn(one, elems, fn_output_signature=signature)
+
+    return tf.function(program, jit_compile=jit, reduce_retracing=False, autograph=False)
+
+
+def is_runtime_error(error: BaseException) -> bool:
+    """An error raised while running a program (not while tracing it)."""
+    import tensorflow as tf
+
+    return isinstance(error, tf.errors.OpError)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    text = " ".join(str(error).split())
+    markers = ("ResourceExhausted", "OOM when allocating", "out of memory", "Dst tensor is not")
+    return "ResourceExhausted" in type(error).__name__ or any(m in text for m in markers)
+
+
+def is_compile_failure(error: BaseException) -> bool:
+    """XLA cannot compile the program (an op without an XLA kernel); a plain graph can."""
+    text = str(error)
+    return any(s in text for s in ("XLA", "xla", "jit_compile", "Compilation failure", "tf2xla"))

@@ -1,0 +1,507 @@
+"""Replaying a run: choosing checkpoints, reusing results, scheduling devices, writing results.
+
+``replay()`` is the orchestration; each of its parts has a name here: ``select`` picks the
+checkpoints and the results that can be reused, ``_evaluate_all`` spreads the rest over the
+devices (one worker thread and one model replica per device, pulling from one queue), the
+loops evaluate one checkpoint at a time or several per produced batch (data-major), and each
+result is written atomically as soon as it is computed, so an interrupted replay resumes
+where it stopped. The figures themselves come from ``engine.Evaluator``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trueloss_replay import run as runfmt
+from trueloss_replay.backends import get_backend, resolve_devices
+from trueloss_replay.data import ArraySplit, resolve_splits
+from trueloss_replay.engine import DEFAULT_BATCH_SIZE, Evaluator, import_modules, load_model
+from trueloss_replay.errors import (
+    DataError,
+    EvaluationError,
+    ReplayIncompleteError,
+    RunFormatError,
+    TruelossReplayError,
+)
+
+# Data-major mode stages up to this many bytes of weights (several checkpoints) on a device,
+# and at most this many checkpoints per produced batch.
+DATA_MAJOR_BYTES = 256 * 1024**2
+DATA_MAJOR_MAX_GROUP = 16
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def parse_epochs(spec: str | Iterable[int] | None) -> set[int] | None:
+    """``"1,3,5-9"`` to ``{1, 3, 5, 6, 7, 8, 9}``; None means every checkpoint."""
+    if spec is None:
+        return None
+    if not isinstance(spec, str):
+        return {int(e) for e in spec}
+    chosen: set[int] = set()
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        low, sep, high = part.partition("-")
+        try:
+            if sep:
+                lo, hi = int(low), int(high)
+                if hi < lo:
+                    raise ValueError
+                chosen.update(range(lo, hi + 1))
+            else:
+                chosen.add(int(low))
+        except ValueError as e:
+            raise DataError(
+                f"--epochs {spec!r}: {part!r} is not an epoch or a range like 5-9."
+            ) from e
+    return chosen
+
+
+def result_path(output: Path, checkpoint_name: str) -> Path:
+    return output / (Path(checkpoint_name).stem + ".json")
+
+
+def _reusable(path: Path, checkpoint: runfmt.Checkpoint, fingerprints: dict) -> dict | None:
+    from trueloss_replay.history import read_result
+
+    try:
+        result = read_result(path)
+    except RunFormatError:
+        return None
+    if result.get("checkpoint_time") != checkpoint.time or result.get("data") != fingerprints:
+        return None
+    return result
+
+
+# --------------------------------------------------------------------------- replay
+
+
+class _Progress:
+    """The hooks a progress display implements; the default does nothing."""
+
+    def start(self, checkpoints: int, batches_per_checkpoint: int | None) -> None: ...
+
+    def advance(self, examples: int, batches: int = 1) -> None: ...
+
+    def checkpoint_done(self, result: dict[str, Any], reused: bool) -> None: ...
+
+    def checkpoint_failed(self, name: str, reason: str) -> None: ...
+
+
+class _SerializedProgress:
+    """Forwards the progress hooks under a lock: every device's worker calls them."""
+
+    def __init__(self, target: _Progress):
+        self._target = target
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str):
+        hook = getattr(self._target, name)
+
+        def locked(*args, **kwargs):
+            with self._lock:
+                return hook(*args, **kwargs)
+
+        return locked
+
+
+def replay(
+    run_dir: str | os.PathLike,
+    *,
+    data: str | None = None,
+    train: Any = None,
+    val: Any = None,
+    batch_size: int | None = None,
+    devices: str | Sequence[str] = "auto",
+    epochs: str | Iterable[int] | None = None,
+    epoch_end_only: bool = False,
+    force: bool = False,
+    output: str | os.PathLike | None = None,
+    unsafe_deserialization: bool = False,
+    model: Callable | str | None = None,
+    imports: Iterable[str] = (),
+    jit_compile: bool | None = None,
+    progress: _Progress | None = None,
+    data_major: bool = False,
+):
+    """Evaluates every checkpoint of a run in inference mode; returns the true-loss History.
+
+    Each checkpoint's figures go to ``<output>/<checkpoint>.json`` as soon as they are
+    computed, so an interrupted replay resumes where it stopped; a checkpoint whose result
+    exists for the same data is not evaluated again unless ``force``.
+
+    Args:
+        run_dir: the run folder ``ReplayCheckpoint`` wrote.
+        data: a ``module:function`` data factory (default: the one in the manifest).
+        train: training data: ``(x, y[, sample_weight])`` arrays, an ``.npz``/``.h5`` path,
+            a finite ``tf.data.Dataset`` or a ``keras.utils.PyDataset``.
+        val: validation data, the same kinds.
+        batch_size: evaluation batch size for array data (default 2048, or fewer examples).
+        devices: ``auto``, ``cpu``, ``gpu``, GPU indices ``"0,1"``, or device names.
+        epochs: which checkpoints, by completed epochs: ``"1,3,5-9"`` or a list of ints.
+        epoch_end_only: skip the checkpoints taken within an epoch (``eNNNN-sSSSSSS.h5``).
+        force: recompute results that already exist.
+        output: where results go (default ``RUN_DIR/replay/results``).
+        unsafe_deserialization: load ``model.keras`` with ``safe_mode=False``.
+        model: a builder (callable or ``module:function``) when the run has no architecture.
+        imports: modules to import first (custom layers, losses, metrics).
+        jit_compile: XLA for the evaluation step; None tries it and falls back.
+        progress: an object with the ``_Progress`` hooks (the CLI passes a rich display).
+        data_major: evaluate several checkpoints per produced batch, so that an expensive
+            input pipeline (a ``tf.data`` map that decodes, a ``PyDataset`` reading files)
+            runs once for all of them; their results are written together, so an
+            interrupted replay loses up to a group. Groups are bounded by
+            ``DATA_MAJOR_BYTES`` of staged weights per device (a model larger than half of
+            that is evaluated one checkpoint at a time). Array data already on the device
+            gains nothing from it.
+
+    Returns:
+        keras.callbacks.History: the true curves (keys in DESIGN.md).
+
+    Raises:
+        RunFormatError: the run folder is unreadable.
+        DataError: no data, or data that does not fit the model.
+        ModelLoadError: the model cannot be rebuilt.
+        ReplayIncompleteError: some checkpoints failed; the others were evaluated and
+            ``error.history`` holds their History.
+
+    Example:
+        >>> history = replay("runs/exp1")
+        >>> history.history["loss"][-1], history.history["reported_loss"][-1]
+    """
+    from trueloss_replay.history import (
+        build_frame,
+        history_from_frame,
+        read_result,
+        replay_folder,
+        write_exports,
+    )
+
+    get_backend()  # an unsupported Keras backend is refused before any work
+    run = runfmt.Run(run_dir)
+    # Device workers report from their own threads.
+    progress = _SerializedProgress(progress or _Progress())
+    import_modules(imports)
+    splits = resolve_splits(run, data=data, train=train, val=val)
+    fingerprints = {name: split.fingerprint for name, split in splits.items()}
+    device_names = resolve_devices(devices) if isinstance(devices, str) else list(devices)
+    if not device_names:
+        raise DataError("devices names no device; use 'auto', 'cpu', 'gpu' or device names.")
+    output = Path(output) if output is not None else run.results_dir
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunFormatError(f"cannot create the results folder {output}: {e}") from e
+
+    wanted = parse_epochs(epochs)
+    everything = run.checkpoints()  # opens every file once: list it once
+    checkpoints = [
+        c
+        for c in everything
+        if (wanted is None or c.epoch in wanted) and (c.is_epoch_end or not epoch_end_only)
+    ]
+    if wanted is not None and not checkpoints:
+        raise DataError(f"--epochs selects no checkpoint of {run.path}.")
+    failures: dict[str, str] = {c.name: c.error for c in checkpoints if c.error}
+    results: dict[str, dict] = {}
+    todo = []
+    for c in checkpoints:
+        if c.error:
+            continue
+        reused = None if force else _reusable(result_path(output, c.name), c, fingerprints)
+        if reused is not None:
+            results[c.name] = reused
+        else:
+            todo.append(c)
+
+    batch = batch_size or DEFAULT_BATCH_SIZE
+    array_counts = [s.count for s in splits.values() if isinstance(s, ArraySplit)]
+    if batch_size is None and array_counts:
+        # No default batch larger than the data: that shape would occur nowhere.
+        batch = min(batch, max(array_counts))
+    per_ckpt = sum(s.num_batches(batch) or 0 for s in splits.values()) or None
+    progress.start(len(checkpoints), per_ckpt)
+    for c in checkpoints:
+        if c.name in results:
+            progress.checkpoint_done(results[c.name], reused=True)
+        elif c.error:
+            progress.checkpoint_failed(c.name, c.error)
+
+    if todo:
+        builder = lambda: load_model(run, model, unsafe_deserialization)  # noqa: E731
+        _evaluate_all(
+            todo,
+            splits=splits,
+            device_names=device_names,
+            builder=builder,
+            batch=batch,
+            output=output,
+            fingerprints=fingerprints,
+            jit_compile=jit_compile,
+            results=results,
+            failures=failures,
+            progress=progress,
+            data_major=data_major,
+        )
+
+    # Unselected checkpoints keep the results stored earlier, so the History covers the run.
+    for c in everything:
+        stored = result_path(output, c.name)
+        if c.name not in results and c.name not in failures and stored.is_file():
+            with contextlib.suppress(RunFormatError):
+                results[c.name] = read_result(stored)
+    ordered = [results[c.name] for c in everything if c.name in results]
+    _warn_mixed_data(ordered, run.path)
+    # Built from what is in memory; the exports are the same figures, not a second read.
+    frame = build_frame(ordered, run.manifest, everything)
+    history = history_from_frame(frame, run.manifest.get("params"))
+    write_exports(frame, history, replay_folder(run.path, output))
+    if failures:
+        raise ReplayIncompleteError(run.path, failures, history, len(ordered))
+    return history
+
+
+def _evaluate_all(
+    todo,
+    *,
+    splits,
+    device_names,
+    builder,
+    batch,
+    output,
+    fingerprints,
+    jit_compile,
+    results,
+    failures,
+    progress,
+    data_major=False,
+) -> None:
+    """Spreads checkpoints over devices: one worker thread, one model replica per device."""
+    backend = get_backend()
+
+    work: queue.Queue = queue.Queue()
+    for c in todo:
+        work.put(c)
+    lock = threading.Lock()
+    setup_errors: list[BaseException] = []
+    # Every replica is built before any takes work, so the queue spreads over all devices.
+    ready = threading.Barrier(len(device_names))
+    share = -(-len(todo) // len(device_names))
+
+    def done(checkpoint, result) -> None:
+        try:
+            runfmt.atomic_write_json(result_path(output, checkpoint.name), result)
+        except TruelossReplayError as e:
+            failed(checkpoint, e)
+            return
+        with lock:
+            results[checkpoint.name] = result
+        progress.checkpoint_done(result, reused=False)
+
+    def failed(checkpoint, error: Exception) -> None:
+        with lock:
+            failures[checkpoint.name] = str(error)
+        progress.checkpoint_failed(checkpoint.name, str(error))
+
+    def context(evaluator):
+        return _Context(evaluator, splits, batch, fingerprints, progress, done, failed)
+
+    def worker(device: str) -> None:
+        try:
+            with backend.device_scope(device):
+                evaluator = Evaluator(builder(), device, jit_compile)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
+            setup_errors.append(e)
+            ready.abort()
+            return
+        try:
+            ready.wait()
+        except threading.BrokenBarrierError:
+            return
+        try:
+            group = _group_size(evaluator.model, data_major, share)
+            if group > 1:
+                _data_major_loop(context(evaluator), work, group)
+            else:
+                _checkpoint_major_loop(context(evaluator), work)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
+            setup_errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(d,), daemon=True) for d in device_names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if setup_errors:
+        raise setup_errors[0]
+
+
+class _Context:
+    """What a device's worker needs to evaluate checkpoints and report each one."""
+
+    def __init__(self, evaluator, splits, batch, fingerprints, progress, done, failed):
+        self.evaluator = evaluator
+        self.splits = splits
+        self.batch = batch
+        self.fingerprints = fingerprints
+        self.progress = progress
+        self.done = done
+        self.failed = failed
+
+    def evaluate(self, evaluate: Callable[[int], Any]) -> Any:
+        """``evaluate(batch size)``; when the device runs out of memory on array data, again
+        at half the batch size (the figures do not depend on it), down to a single example.
+        This is what bounds the default batch of 2048 by the device's memory."""
+        while True:
+            try:
+                return evaluate(self.batch)
+            except EvaluationError as e:
+                # Only array data is cut at this size; a dataset's batches are its own.
+                array = isinstance(self.splits.get(e.split), ArraySplit)
+                if not (e.out_of_memory and array and self.batch > 1):
+                    raise
+                self.batch //= 2
+                warnings.warn(
+                    f"trueloss-replay: {self.evaluator.device} ran out of memory; evaluating "
+                    f"at batches of {self.batch} from now on.",
+                    stacklevel=2,
+                )
+
+    def result(self, checkpoint, figures, examples, seconds: float) -> dict[str, Any]:
+        return {
+            "format": runfmt.RESULT_FORMAT,
+            "version": runfmt.FORMAT_VERSION,
+            "checkpoint": checkpoint.name,
+            "epoch": checkpoint.epoch,
+            "step": checkpoint.step,
+            "epoch_end": checkpoint.is_epoch_end,
+            "checkpoint_time": checkpoint.time,
+            "train": figures.get("train"),
+            "val": figures.get("val"),
+            "reported": checkpoint.logs,
+            "examples": examples,
+            "data": self.fingerprints,
+            # Array data is cut at this size; datasets keep their own batches.
+            "batch_size": {
+                name: self.batch if isinstance(split, ArraySplit) else None
+                for name, split in self.splits.items()
+            },
+            "device": self.evaluator.device,
+            "seconds": seconds,
+            "evaluated": time.time(),
+        }
+
+
+def _checkpoint_major_loop(ctx: _Context, work: queue.Queue) -> None:
+    """One checkpoint at a time, every split; the next checkpoint is read meanwhile."""
+    evaluator = ctx.evaluator
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        upcoming = _take(work)
+        future = reader.submit(runfmt.read_weights, upcoming.path) if upcoming else None
+        while upcoming is not None:
+            checkpoint, current = upcoming, future
+            # Read the next checkpoint from disk while this one evaluates: at most two
+            # checkpoints' weights in host memory per device.
+            upcoming = _take(work)
+            future = reader.submit(runfmt.read_weights, upcoming.path) if upcoming else None
+            started = time.perf_counter()
+            try:
+                evaluator.load(current.result(), str(checkpoint.path))
+                del current
+                outcome = ctx.evaluate(
+                    lambda batch: evaluator.evaluate_splits(ctx.splits, batch, ctx.progress.advance)
+                )
+                figures = {name: figures for name, (figures, _) in outcome.items()}
+                examples = {name: count for name, (_, count) in outcome.items()}
+                result = ctx.result(checkpoint, figures, examples, time.perf_counter() - started)
+            except DataError:  # the data, not this checkpoint: stop
+                raise
+            except TruelossReplayError as e:
+                ctx.failed(checkpoint, e)
+                continue
+            ctx.done(checkpoint, result)
+
+
+def _data_major_loop(ctx: _Context, work: queue.Queue, group: int) -> None:
+    """``group`` checkpoints at a time: each batch is produced once for all of them."""
+    evaluator = ctx.evaluator
+    while True:
+        staged = []
+        while len(staged) < group and (checkpoint := _take(work)) is not None:
+            try:
+                # One checkpoint's host arrays at a time; the staged copies live on the device.
+                weights = evaluator.stage(
+                    runfmt.read_weights(checkpoint.path), str(checkpoint.path)
+                )
+            except DataError:
+                raise
+            except TruelossReplayError as e:
+                ctx.failed(checkpoint, e)
+                continue
+            staged.append((checkpoint, weights))
+        if not staged:
+            return
+        started = time.perf_counter()
+        try:
+            per_split = ctx.evaluate(
+                lambda batch, staged=staged: {
+                    name: evaluator.evaluate_many(
+                        split, batch, [w for _, w in staged], ctx.progress.advance
+                    )
+                    for name, split in ctx.splits.items()
+                }
+            )
+        except DataError:
+            raise
+        except TruelossReplayError as e:  # the whole group shared the failing batches
+            for checkpoint, _ in staged:
+                ctx.failed(checkpoint, e)
+            continue
+        seconds = (time.perf_counter() - started) / len(staged)
+        for i, (checkpoint, _) in enumerate(staged):
+            figures = {name: outcome[i][0] for name, outcome in per_split.items()}
+            examples = {name: outcome[i][1] for name, outcome in per_split.items()}
+            ctx.done(checkpoint, ctx.result(checkpoint, figures, examples, seconds))
+
+
+def _group_size(model, data_major: bool, share: int) -> int:
+    """Checkpoints evaluated per produced batch: 1 (checkpoint-major) unless data-major.
+
+    Data-major pays off when producing a batch costs more than evaluating it. Its staged
+    weights are a copy per checkpoint on the device, bounded by ``DATA_MAJOR_BYTES``; a
+    model larger than half of that is evaluated checkpoint-major.
+    """
+    if not data_major:
+        return 1
+    nbytes = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.weights)
+    fits = DATA_MAJOR_BYTES // max(nbytes, 1)
+    return int(max(1, min(fits, DATA_MAJOR_MAX_GROUP, share)))
+
+
+def _take(work: queue.Queue):
+    with contextlib.suppress(queue.Empty):
+        return work.get_nowait()
+    return None
+
+
+def _warn_mixed_data(results: list[dict], run_path: Path) -> None:
+    seen = {json.dumps(r.get("data"), sort_keys=True) for r in results}
+    if len(seen) > 1:
+        warnings.warn(
+            f"trueloss-replay: the checkpoints of {run_path} were evaluated on different data "
+            "(their data fingerprints differ); rerun the replay with --force to evaluate all "
+            "of them on the same data.",
+            stacklevel=3,
+        )
