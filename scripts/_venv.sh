@@ -11,7 +11,7 @@ if [[ ! -f $stamp ]]; then
   [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
   .venv/bin/python -m pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
   .venv/bin/python -m pip install --quiet -e ".[dev,demo]" 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c "import trueloss_replay, tensorflow, sklearn" \
+  .venv/bin/python -c "import trueloss_replay, tensorflow, jax, sklearn" \
     || { echo "installing trueloss-replay into .venv failed" >&2; exit 1; }
   rm -f .venv/.installed-* && touch "$stamp"
 fi

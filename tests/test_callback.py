@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 
 import h5py
+import keras
 import numpy as np
+import pytest
 
 from trueloss_replay import Run, load_weights
 from trueloss_replay.run import CHECKPOINT_FORMAT, RUN_FORMAT, weight_keys
 
 from .conftest import EPOCHS, build_model
+
+pytestmark = pytest.mark.backend
 
 
 def test_folder_layout_matches_design(trained_run):
@@ -28,7 +32,7 @@ def test_manifest_fields(trained_run):
     assert manifest["version"] == 1
     assert manifest["status"] == "finished"
     assert manifest["model"] == "model.keras"
-    assert manifest["backend"] == "tensorflow"
+    assert manifest["backend"] == keras.backend.backend()
     assert manifest["compile"]["loss"] == "sparse_categorical_crossentropy"
     assert manifest["params"]["epochs"] == EPOCHS
     assert manifest["data_files"] == {"train": "data/train.h5", "val": "data/val.h5"}

@@ -22,6 +22,8 @@ from .trainer_subprocess import (
     RAISE_AT_EPOCH,
 )
 
+pytestmark = pytest.mark.backend
+
 SCRIPT = Path(__file__).with_name("trainer_subprocess.py")
 STARTUP_TIMEOUT = 60.0
 

@@ -11,6 +11,8 @@ import pytest
 from trueloss_replay import ReplayCheckpoint
 from trueloss_replay.scheduler import replay
 
+pytestmark = pytest.mark.backend
+
 RTOL = 1e-5
 
 

@@ -15,6 +15,8 @@ import tensorflow as tf
 from trueloss_replay import run as runfmt
 from trueloss_replay.scheduler import replay
 
+pytestmark = pytest.mark.backend
+
 
 class CountingBatches(keras.utils.PyDataset):
     """Fixed batches of arrays that count how often each one is produced."""

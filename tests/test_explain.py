@@ -28,6 +28,8 @@ from trueloss_replay.explain import (
 from trueloss_replay.run import Run, read_weights
 from trueloss_replay.scheduler import replay
 
+pytestmark = pytest.mark.backend
+
 EPOCHS = 2
 BATCH = 32
 SEEDS = 5
@@ -146,6 +148,7 @@ def test_the_penalty_part_is_the_l2_penalty_or_zero(cause_run):
 
 def test_the_training_mode_part_appears_only_with_dropout_or_batchnorm(cause_run):
     cause, _, frame, _ = cause_run
+    significant = []
     for _, row in frame.iterrows():
         part = float(row["gap_training_mode"])
         if cause in ("l2", "none"):
@@ -153,10 +156,14 @@ def test_the_training_mode_part_appears_only_with_dropout_or_batchnorm(cause_run
             assert abs(part) < 1e-6
             assert _se(row) < 1e-6
         else:
-            assert abs(part) > 3 * _se(row), (part, _se(row))
-            assert abs(part) > 0.01
+            significant.append(abs(part) > 3 * _se(row) and abs(part) > 0.01)
     if cause == "dropout":
+        assert all(significant), frame
         assert (frame["gap_training_mode"] > 0).all()
+    if cause == "batchnorm":
+        # Batch against moving statistics: how far apart they are depends on the weights
+        # (the initialisation differs between backends), so not necessarily every epoch.
+        assert any(significant), frame
 
 
 def test_the_drift_is_what_remains(cause_run):

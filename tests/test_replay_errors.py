@@ -16,6 +16,8 @@ from trueloss_replay.scheduler import parse_epochs, replay
 
 from .conftest import build_model, make_data
 
+pytestmark = pytest.mark.backend
+
 
 def _arrays(trained_run):
     return trained_run.train, trained_run.val
@@ -212,7 +214,22 @@ class CheckedDense(keras.layers.Dense):
     """A Dense layer whose call fails at run time on non-finite activations."""
 
     def call(self, inputs):
-        return tf.debugging.check_numerics(super().call(inputs), "CheckedDense output")
+        outputs = super().call(inputs)
+        if keras.backend.backend() == "tensorflow":
+            return tf.debugging.check_numerics(outputs, "CheckedDense output")
+        _jax_runtime_check(outputs, lambda v: not np.isfinite(v).all(), "CheckedDense output")
+        return outputs
+
+
+def _jax_runtime_check(value, fails, message: str) -> None:
+    """Raises inside the running XLA program (a JaxRuntimeError) when ``fails(value)``."""
+    import jax
+
+    def check(v):
+        if fails(np.asarray(v)):
+            raise FloatingPointError(message)
+
+    jax.debug.callback(check, value)
 
 
 @pytest.mark.parametrize(
@@ -250,9 +267,15 @@ def _datasets(group):
 @keras.saving.register_keras_serializable(package="tlr_test")
 class SmallDevice(keras.layers.Layer):
     """Identity, on a pretend device that holds at most 32 examples at once: larger batches
-    fail as TensorFlow fails when a GPU runs out of memory."""
+    fail as TensorFlow (or JAX) fails when a GPU runs out of memory."""
 
     def call(self, inputs):
+        if keras.backend.backend() == "jax":
+            # The text XLA gives when a GPU runs out of memory.
+            message = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate"
+            _jax_runtime_check(inputs, lambda v: v.shape[0] > 32, message)
+            return inputs
+
         def check(x):
             if x.shape[0] > 32:
                 raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")

@@ -1,9 +1,9 @@
 """``ReplayCheckpoint``: store the weights of every epoch, off the training path.
 
 The training thread only copies the weights to host memory (a few milliseconds even for
-large models), once per epoch, and puts the copy on a small bounded queue; a background thread writes the
-HDF5 file and rewrites the manifest. The queue bound keeps memory bounded: when the disk is
-slower than training, ``fit`` waits rather than piling up copies.
+large models), once per epoch, and puts the copy on a small bounded queue; a background
+thread writes the HDF5 file and rewrites the manifest. The queue bound keeps memory bounded:
+when the disk is slower than training, ``fit`` waits rather than piling up copies.
 
 Keras calls no callback when ``fit`` raises, so a run that ends in an exception is marked
 ``failed`` by an ``atexit`` hook (or when the same callback starts another ``fit``). A run

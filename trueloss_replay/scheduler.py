@@ -398,6 +398,7 @@ class _Context:
                 name: self.batch if isinstance(split, ArraySplit) else None
                 for name, split in self.splits.items()
             },
+            "backend": self.evaluator.backend.NAME,
             "device": self.evaluator.device,
             "seconds": seconds,
             "evaluated": time.time(),
