@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from trueloss_replay.errors import RunWriteError
+from trueloss_replay.errors import BackendError, RunWriteError
 from trueloss_replay.history import REPORTED_PREFIX, as_history, load_history
 
 
@@ -68,8 +68,14 @@ def export_tensorboard(
         raise RunWriteError(f"cannot create the TensorBoard folder {logdir}: {e}") from e
     before = set(logdir.glob("events.out.tfevents.*"))
 
-    import tensorflow as tf
-    from tensorflow.core.framework import summary_pb2
+    try:
+        import tensorflow as tf
+        from tensorflow.core.framework import summary_pb2
+    except ImportError as e:
+        raise BackendError(
+            "writing TensorBoard event files needs TensorFlow, which is not installed; "
+            "pip install tensorflow (replay itself runs on JAX without it)."
+        ) from e
 
     metadata = summary_pb2.SummaryMetadata(
         plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
