@@ -1,4 +1,8 @@
-"""scripts/bench.py runs end to end on tiny settings (a smoke test: nothing here is timed)."""
+"""scripts/bench.py runs end to end on tiny settings (a smoke test: nothing here is timed).
+
+Under ``--backend jax`` the script runs with TensorFlow made unimportable, as on the GPU
+machines that measure the JAX figures, where TensorFlow is not installed.
+"""
 
 from __future__ import annotations
 
@@ -11,26 +15,101 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "scripts" / "bench.py"
 
+# Runs the script with every `import tensorflow` failing as it does where TF is absent.
+WITHOUT_TENSORFLOW = """
+import importlib.abc, runpy, sys
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        ["callback", "--examples", "800", "--epochs", "2", "--reps", "1"],
-        ["replay", "--examples", "800", "--k", "2", "--reps", "1", "--no-profile"],
-        ["datamajor", "--examples", "800", "--k", "2", "--reps", "1", "--delay", "0.001"],
+class NoTensorFlow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "tensorflow":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoTensorFlow())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+# Every variant runs once, on TensorFlow; the other runs skip what it already covered.
+REPLAY_MLP = ["replay", "--examples", "400", "--k", "2", "--reps", "1"]
+REPLAY_CNN = ["replay", "--workload", "cnn", "--examples", "64", "--batch-size", "32"]
+REPLAY_CNN += ["--k", "2", "--reps", "1", "--skip", "naive", "--skip", "reused"]
+CALLBACK = ["callback", "--examples", "400", "--epochs", "2", "--reps", "1"]
+DATAMAJOR = ["datamajor", "--examples", "400", "--k", "2", "--reps", "1", "--delay", "0.001"]
+WITHOUT_NAIVE = ["--skip", "naive"]
+ONLY_REPLAY_CHECKPOINT = ["--variant", "ReplayCheckpoint"]
+
+# Figures each benchmark's JSON must hold, as key paths; every one a positive number.
+FIGURES = {
+    "replay": [
+        ("summary", "replay_steady_over_floor"),
+        ("summary", "replay_incl_setup_over_floor"),
+        ("summary", "replay_k_over_k_times_one"),
+        ("summary", "per_checkpoint", "replay", "steady"),
+        ("summary", "per_checkpoint", "replay", "incl_setup"),
+        ("summary", "per_checkpoint", "floor", "steady"),
+        ("summary", "per_checkpoint", "per-batch floor", "steady"),
+        ("summary", "memory", "replay K", "tracemalloc_peak_bytes"),
+        ("summary", "memory", "replay 1", "checkpoints_alive_peak"),
     ],
-    ids=["callback", "replay", "datamajor"],
-)
-def test_bench_subcommand_runs_and_writes_json(args, tmp_path):
-    out = tmp_path / "bench.json"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench.py"), *args, "--json", str(out)],
+    "callback": [
+        ("summary", "none", "s_per_epoch_median"),
+        ("summary", "ReplayCheckpoint", "ratio_median"),
+        ("summary", "ReplayCheckpoint", "cpu_ratio_median"),
+    ],
+    "datamajor": [("median", "checkpoint-major"), ("median", "data-major")],
+}
+
+
+def _run_bench(backend: str, args: list[str], out: Path) -> subprocess.CompletedProcess:
+    command = [str(BENCH), "--backend", backend, *args, "--json", str(out)]
+    if backend == "jax":
+        command = ["-c", WITHOUT_TENSORFLOW, *command]
+    return subprocess.run(
+        [sys.executable, *command],
         capture_output=True,
         text=True,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-        timeout=300,
+        timeout=600,
     )
+
+
+def _lookup(payload: dict, path: tuple[str, ...]):
+    for key in path:
+        payload = payload[key]
+    return payload
+
+
+@pytest.mark.parametrize(
+    ("backend", "args"),
+    [
+        pytest.param("tensorflow", REPLAY_MLP, id="replay-mlp-tensorflow"),
+        pytest.param("jax", REPLAY_MLP + WITHOUT_NAIVE, id="replay-mlp-jax"),
+        pytest.param("tensorflow", REPLAY_CNN, id="replay-cnn-tensorflow"),
+        pytest.param("jax", REPLAY_CNN, id="replay-cnn-jax"),
+        pytest.param("tensorflow", CALLBACK, id="callback-tensorflow"),
+        pytest.param("jax", CALLBACK + ONLY_REPLAY_CHECKPOINT, id="callback-jax"),
+        pytest.param("tensorflow", DATAMAJOR, id="datamajor-tensorflow"),
+    ],
+)
+def test_bench_subcommand_runs_and_writes_json(backend, args, tmp_path):
+    out = tmp_path / "bench.json"
+    done = _run_bench(backend, args, out)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| variant" in done.stdout or "| mode" in done.stdout
-    assert json.loads(out.read_text())
+    payload = json.loads(out.read_text())
+    machine = payload["machine"]
+    assert machine["backend"] == backend
+    assert machine["backend_version"] and machine["keras"]
+    assert machine["devices"] and machine["device_kind"]
+    for path in FIGURES[args[0]]:
+        value = _lookup(payload, path)
+        assert isinstance(value, (int, float)) and value > 0, (path, value)
+    if args[0] == "replay":
+        skipped = {args[i + 1] for i, arg in enumerate(args) if arg == "--skip"}
+        assert sorted(skipped) == payload["config"]["skipped"]
+        assert {"replay K", "floor"} <= set(payload["raw"])
+        assert not skipped & set(payload["raw"])
+        assert ("naive_over_replay_incl_setup" in payload["summary"]) == ("naive" not in skipped)

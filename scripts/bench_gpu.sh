@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU figures of the README, under Keras' JAX backend: replay of the reference MLP and of the
+# compute-bound CNN against the one-program floor, and the callback's training overhead.
+# Writes bench-out/{mlp,cnn,callback}.{json,log}. Arguments scale it down for a smoke run:
+#   scripts/bench_gpu.sh [OUT_DIR] [MLP_EXAMPLES] [CNN_EXAMPLES] [CALLBACK_EXAMPLES] [REPS]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-bench-out}
+mlp=${2:-40000}
+cnn=${3:-50000}
+cb=${4:-40000}
+reps=${5:-3}
+mkdir -p "$out"
+export KERAS_BACKEND=jax PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+status=0
+run() {  # name, then the bench arguments
+  local name=$1
+  shift
+  echo "== $name: $*"
+  "$PY" scripts/bench.py --backend jax "$@" --json "$out/$name.json" 2>&1 | tee "$out/$name.log"
+  local rc=${PIPESTATUS[0]}
+  [[ $rc -eq 0 ]] || { echo "== $name failed ($rc)"; status=1; }
+}
+run mlp replay --workload mlp --examples "$mlp" --k 6 --reps "$reps" --skip naive
+run cnn replay --workload cnn --examples "$cnn" --k 4 --reps "$reps" --skip naive
+run callback callback --examples "$cb" --epochs 4 --reps "$reps" \
+  --variant ReplayCheckpoint --variant ModelCheckpoint
+exit $status
