@@ -6,6 +6,12 @@ command line starts fast and ``load_history`` stays free of TensorFlow work unti
 """
 
 import importlib
+import importlib.metadata
+
+try:
+    __version__ = importlib.metadata.version("trueloss-replay")
+except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 _EXPORTS = {
     "CheckpointMismatchError": "trueloss_replay.errors",
