@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import EPOCHS, build_model, make_data
-from trueloss_replay import RunFormatError, load_frame, load_history
+from trueloss_replay import RunFormatError, RunWriteError, load_frame, load_history
 from trueloss_replay.history import (
     build_history,
     export_history,
@@ -248,3 +248,29 @@ def test_export_history_writes_csv_and_json(replayed_run):
     assert [r["checkpoint"] for r in rows] == [epoch_name(e) for e in range(EPOCHS + 1)]
     assert [r["epoch"] for r in rows] == ["", "0", "1", "2"]
     assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("write", [write_csv, write_json])
+def test_write_error_names_the_file_once(replayed_run, tmp_path, write):
+    target = tmp_path / "no_such_folder" / "history.out"
+
+    with pytest.raises(RunWriteError) as caught:
+        write(load_history(replayed_run), target)
+
+    message = str(caught.value)
+    assert message.startswith(f"could not write {target}: No such file or directory")
+    assert message.count("could not write") == 1
+
+
+def test_null_figures_read_back_as_nan(replayed_run, replay_results):
+    path = replayed_run / "replay" / "results" / "e0002.json"
+    result = json.loads(path.read_text())
+    result["train"]["loss"] = None  # what a diverged checkpoint's NaN is written as
+    result["val"]["loss"] = "Infinity"
+    path.write_text(json.dumps(result))
+
+    history = load_history(replayed_run)
+
+    assert math.isnan(history.history["loss"][1])
+    assert history.history["val_loss"][1] == math.inf
+    assert history.history["loss"][2] == replay_results["e0003.h5"]["train"]["loss"]

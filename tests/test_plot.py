@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.image  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 
-from trueloss_replay import load_history, plot_history  # noqa: E402
+from trueloss_replay import RunWriteError, load_history, plot_history  # noqa: E402
 from trueloss_replay.plot import PlotError, save_figure  # noqa: E402
 
 MAGIC = {".png": b"\x89PNG\r\n\x1a\n", ".pdf": b"%PDF-", ".svg": b"<?xml"}
@@ -185,3 +185,17 @@ def test_importing_the_package_does_not_import_matplotlib():
 
     assert done.returncode == 0, done.stderr[-2000:]
     assert "drawing needs blocked: matplotlib" in done.stdout
+
+
+def test_figure_write_error_names_the_file_once(tmp_path):
+    history = keras.callbacks.History()
+    history.history, history.epoch = {"loss": [1.0, 0.5]}, [0, 1]
+    fig = plot_history(history)
+    target = tmp_path / "no_such_folder" / "curves.png"
+
+    with pytest.raises(RunWriteError) as caught:
+        save_figure(fig, target)
+
+    message = str(caught.value)
+    assert message.startswith(f"could not write {target}: No such file or directory")
+    assert message.count("could not write") == 1

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trueloss_replay import ReplayCheckpoint
+from trueloss_replay import ReplayCheckpoint, load_frame
 from trueloss_replay.errors import DataError, ModelLoadError, ReplayIncompleteError
 from trueloss_replay.scheduler import parse_epochs, replay
 
@@ -322,3 +322,115 @@ def test_out_of_memory_on_a_dataset_does_not_shrink_the_array_batch(tmp_path):
         with pytest.raises(ReplayIncompleteError, match="val data ran out of device memory"):
             replay(tmp_path, train=(x, y), val=val, batch_size=100, jit_compile=False)
     assert len(caught) == 2  # train: 100 -> 50 -> 25, and no further for val's sake
+
+
+# --------------------------------------------------------------------------- untrusted files
+
+
+def _replace_first_variable(path, **create) -> str:
+    with h5py.File(path, "r+") as f:
+        key = next(n for n, d in _datasets(f["weights"]) if int(d.attrs["index"]) == 0)
+        del f["weights"][key]
+        f["weights"].create_dataset(key, **create).attrs["index"] = 0
+    return key
+
+
+@pytest.mark.parametrize(
+    "create, recorded, reason",
+    [
+        # 4 TiB declared in a few KB: refused from the metadata, against the recorded model.
+        ({"shape": (2**20, 2**20), "dtype": "float32"}, True, "has shape (1048576, 1048576)"),
+        # No variables recorded: the file must still store what it declares.
+        ({"shape": (2**20, 2**20), "dtype": "float32"}, False, "declares shape (1048576, 1048576)"),
+        ({"data": np.full((8, 16), b"0.5")}, True, "is stored as |S3, not as numbers"),
+    ],
+)
+def test_huge_or_text_variable_fails_its_checkpoint_alone(run_copy, create, recorded, reason):
+    if not recorded:
+        manifest = json.loads((run_copy / "manifest.json").read_text())
+        manifest["variables"] = None
+        (run_copy / "manifest.json").write_text(json.dumps(manifest))
+    key = _replace_first_variable(run_copy / "checkpoints" / "e0002.h5", **create)
+
+    with pytest.raises(ReplayIncompleteError) as caught:
+        replay(run_copy)
+
+    assert list(caught.value.failures) == ["e0002.h5"]
+    failure = caught.value.failures["e0002.h5"]
+    assert "e0002.h5" in failure and repr(key) in failure and reason in failure
+    done = sorted(p.name for p in (run_copy / "replay" / "results").glob("e*.json"))
+    assert done == ["e0000.json", "e0001.json", "e0003.json"]
+
+
+@pytest.mark.parametrize("field, value", [("version", "1.0"), ("train", [0.5]), ("step", "7")])
+def test_result_of_the_wrong_type_is_recomputed_like_a_damaged_one(run_copy, field, value):
+    replay(run_copy)
+    path = run_copy / "replay" / "results" / "e0001.json"
+    damaged = {**json.loads(path.read_text()), field: value, "evaluated": 0.0}
+    path.write_text(json.dumps(damaged))
+    others = {p.name: p.read_text() for p in path.parent.glob("e*.json") if p != path}
+
+    replay(run_copy)
+
+    recomputed = json.loads(path.read_text())
+    assert recomputed["version"] == 1 and recomputed["evaluated"] > 0
+    assert {p.name: p.read_text() for p in path.parent.glob("e*.json") if p != path} == others
+
+
+def test_result_files_of_a_diverged_run_are_strict_json(tmp_path):
+    x, y = make_data(n=64)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[ReplayCheckpoint(tmp_path, train_data=(x, y))])
+    with h5py.File(tmp_path / "checkpoints" / "e0001.h5", "a") as f:
+        next(d for n, d in _datasets(f["weights"]) if n.endswith("kernel"))[...] = np.inf
+
+    replay(tmp_path)
+
+    frame = load_frame(tmp_path).set_index("checkpoint")
+    assert np.isnan(frame.loc["e0001.h5", "loss"])  # inf logits: a NaN loss, read back as NaN
+    assert np.isfinite(frame.loc["e0000.h5", "loss"])
+    for path in [*(tmp_path / "replay" / "results").glob("*.json"), tmp_path / "manifest.json"]:
+        json.loads(path.read_text(), parse_constant=pytest.fail)  # no bare NaN / Infinity
+    result = json.loads((tmp_path / "replay" / "results" / "e0001.json").read_text())
+    assert result["train"]["loss"] is None
+
+
+def test_model_file_of_garbage_bytes_is_named_damaged(run_copy):
+    (run_copy / "model.keras").write_bytes(b"\x00garbage, not a zip archive" * 40)
+
+    with pytest.raises(ModelLoadError) as caught:
+        replay(run_copy)
+
+    message = str(caught.value)
+    assert f"{run_copy / 'model.keras'} is not a valid .keras archive" in message
+    assert "damaged" in message and "File not found" not in message
+
+
+PARSE_HUGE_RANGE = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (700 * 2**20,) * 2)
+from trueloss_replay.scheduler import parse_epochs
+epochs = parse_epochs("1-1000000000")
+print(0 in epochs, 1 in epochs, 10**9 in epochs, 10**9 + 1 in epochs)
+"""
+
+
+def test_parse_epochs_of_a_huge_range_stays_within_a_memory_bound():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", PARSE_HUGE_RANGE], capture_output=True, text=True, timeout=60
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "True", "True", "False"]
+
+
+def test_huge_epoch_range_selects_the_run_s_checkpoints(run_copy):
+    history = replay(run_copy, epochs="2-1000000000")
+
+    done = sorted(p.name for p in (run_copy / "replay" / "results").glob("e*.json"))
+    assert done == ["e0002.json", "e0003.json"]
+    assert np.isnan(history.history["loss"][0]) and np.isfinite(history.history["loss"][2])

@@ -74,6 +74,8 @@ class ReplayCheckpoint(keras.callbacks.Callback):
         RunWriteError: ``run_dir`` cannot be created or written (from ``__init__``), or a
             file written before training starts cannot be (from ``fit``).
         DataError: ``data``, ``train_data`` or ``val_data`` is malformed.
+        RunFormatError: ``run_dir`` is a URL (``gs://``, ``s3://``); only local folders are
+            supported for now.
         ValueError: another argument is out of range.
 
     Example:
@@ -112,7 +114,8 @@ class ReplayCheckpoint(keras.callbacks.Callback):
             raise ValueError(f"on_error must be 'warn' or 'raise'. Received: {on_error!r}")
         if not _positive_int(max_pending):
             raise ValueError(f"max_pending must be a positive int. Received: {max_pending!r}")
-        self.run_dir = Path(run_dir)
+        # A URL would silently become a local folder named gs: or s3:.
+        self.run_dir = runfmt.local_path(run_dir)
         self.save_freq = save_freq
         self.save_initial = save_initial
         self.keep = keep

@@ -140,6 +140,15 @@ def load_model(run: runfmt.Run, builder: Callable | str | None = None, unsafe: b
 
 
 def _explain_load_error(path: Path, error: Exception) -> str:
+    import zipfile
+
+    # Keras says "File not found" for a file that is there but is no zip archive.
+    if path.is_file() and not zipfile.is_zipfile(path):
+        return (
+            f"{path} is not a valid .keras archive (not a zip file); it is damaged. Copy "
+            "model.keras again from where the run was trained, or pass --model "
+            "MODULE:FUNCTION to build the model instead."
+        )
     text = str(error)
     if "safe_mode" in text or "unsafe" in text.lower():
         return (

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from trueloss_replay import run as runfmt
-from trueloss_replay.errors import RunFormatError, RunWriteError
+from trueloss_replay.errors import RunFormatError
 
 if TYPE_CHECKING:
     import keras
@@ -136,20 +136,36 @@ def read_result(path: str | os.PathLike) -> dict[str, Any]:
         raise RunFormatError(
             f"result file {path} is not a trueloss-replay result (format {found!r}). {fix}"
         )
-    if int(result.get("version", -1)) > runfmt.FORMAT_VERSION:
-        raise RunFormatError(
-            f"result file {path} has format version {result.get('version')}; this "
-            f"trueloss-replay reads up to {runfmt.FORMAT_VERSION}. Upgrade trueloss-replay."
-        )
-    for key, kind in (("checkpoint", str), ("train", dict)):
-        if not isinstance(result.get(key), kind):
+    try:
+        runfmt.check_version(result.get("version"), f"result file {path}")
+    except RunFormatError as e:
+        raise RunFormatError(f"{e} {fix}") from e
+    for key, kind, required in _RESULT_FIELDS:
+        value = result.get(key)
+        if (value is not None or required) and not isinstance(value, kind):
             raise RunFormatError(f"result file {path} has no valid {key!r} entry. {fix}")
+    if isinstance(result.get("checkpoint_time"), bool) or isinstance(result.get("step"), bool):
+        raise RunFormatError(f"result file {path} has a true/false step or time. {fix}")
     if runfmt.parse_checkpoint_name(result["checkpoint"]) is None:
         raise RunFormatError(
             f"result file {path} names the checkpoint {result['checkpoint']!r}, which is not "
             f"a checkpoint file name. {fix}"
         )
     return result
+
+
+#: The result fields that readers use: (key, type, required). ``history`` reads the figures
+#: and ``replay`` decides from ``checkpoint_time`` and ``data`` whether to reuse a result.
+_RESULT_FIELDS = (
+    ("checkpoint", str, True),
+    ("train", dict, True),
+    ("val", dict, False),
+    ("reported", dict, False),
+    ("explain", dict, False),
+    ("data", dict, False),
+    ("step", int, False),
+    ("checkpoint_time", (int, float), False),
+)
 
 
 def _one_line(error: Exception) -> str:
@@ -638,14 +654,9 @@ def read_json(path: str | os.PathLike) -> keras.callbacks.History:
 
 def _write_text(path: str | os.PathLike, text: str) -> Path:
     path = Path(path)
-    try:
-        with runfmt.atomic_path(path) as tmp:
-            tmp.write_text(text, encoding="utf-8")
-    except OSError as e:
-        raise RunWriteError(
-            f"could not write {path}: {e.strerror or e}. Check that the folder exists and is "
-            "writable."
-        ) from e
+    # atomic_path turns any OSError into one RunWriteError naming the path: not wrapped twice.
+    with runfmt.atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 
@@ -782,11 +793,11 @@ def describe_run(
 def _verify(path: Path, variables: Any) -> str | None:
     try:
         runfmt.read_checkpoint(path)
-        weights = runfmt.read_weights(path)
-        if variables:
-            # The rule replay loads by: a model rebuilt on resume names its variables
-            # sequential_1/dense_2/..., and the earlier checkpoints are no less healthy.
-            runfmt.check_signature(variables, weights, str(path))
+        # Names, shapes and dtypes are checked against the manifest's variables before any
+        # data is read, by the rule replay loads by (run.check_signature): a model rebuilt on
+        # resume names its variables sequential_1/dense_2/..., and the earlier checkpoints
+        # are no less healthy.
+        runfmt.read_weights(path, variables or None)
     except (RunFormatError, OSError) as e:
         return _one_line(e)
     return None

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from trueloss_replay.errors import PlotError, RunWriteError
+from trueloss_replay.errors import PlotError
 from trueloss_replay.history import (
     GAP_PREFIX,
     REPORTED_PREFIX,
@@ -290,14 +290,9 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
 
     path = Path(path)
     suffix = _check_suffix(path)
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=suffix[1:], dpi=150 if suffix == ".png" else "figure")
-    except OSError as e:
-        raise RunWriteError(
-            f"could not write the figure {path}: {e.strerror or e}. Check that the folder "
-            "exists and is writable."
-        ) from e
+    # atomic_path turns any OSError into one RunWriteError naming the path: not wrapped twice.
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=suffix[1:], dpi=150 if suffix == ".png" else "figure")
     return path
 
 

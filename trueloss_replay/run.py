@@ -20,7 +20,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,18 +99,57 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Writes ``obj`` as indented JSON to ``path`` atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=True, default=_json_default)
+    """Writes ``obj`` as indented, strict JSON to ``path`` atomically.
+
+    NaN becomes ``null`` and infinities ``"Infinity"`` / ``"-Infinity"`` (``strict_json``),
+    so that every tool parses the file (``jq`` rejects bare ``NaN`` tokens); ``json_float``
+    reads such a figure back.
+
+    Raises:
+        RunWriteError: the file could not be written.
+    """
+    text = json.dumps(strict_json(obj), indent=2, sort_keys=False, allow_nan=False)
     with atomic_path(path) as tmp:
         tmp.write_text(text + "\n", encoding="utf-8")
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
+def strict_json(value: Any) -> Any:
+    """``value`` with numpy types as Python ones, NaN as None and infinities as strings.
+
+    The same convention as ``history.json``: a strict JSON reader accepts the result, and
+    ``json_float`` turns ``null`` back into NaN and ``"Infinity"`` into ``inf``.
+    """
+    if isinstance(value, Mapping):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
     if isinstance(value, np.ndarray):
-        return value.tolist()
+        return strict_json(value.tolist())
+    if isinstance(value, np.generic):
+        return strict_json(value.item())
+    if isinstance(value, float):
+        if value != value:
+            return None
+        if value in (float("inf"), float("-inf")):
+            return "Infinity" if value > 0 else "-Infinity"
+        return value
+    if value is None or isinstance(value, (str, int)):
+        return value
     return str(value)
+
+
+def json_float(value: Any) -> float:
+    """A figure read from a strict JSON file: ``null`` is NaN, ``"Infinity"`` is ``inf``.
+
+    Anything that is not a number (a string other than those, a list, an object) is NaN.
+    """
+    if value is None or isinstance(value, bool):
+        return float("nan") if value is None else float(value)
+    if isinstance(value, (int, float, np.number)):
+        return float(value)
+    if isinstance(value, str) and value in ("Infinity", "-Infinity", "NaN"):
+        return float(value.replace("Infinity", "inf"))
+    return float("nan")
 
 
 def to_jsonable(logs: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -219,6 +258,57 @@ class Checkpoint:
         }
 
 
+class EpochSet:
+    """A set of epochs held as inclusive ranges: ``5 in EpochSet([(1, 10**9)])`` costs nothing.
+
+    What ``--epochs 1,3,5-9`` selects. A range as large as the user types is never expanded
+    (``1-1000000000`` would be a billion ints).
+
+    Args:
+        ranges: ``(low, high)`` pairs, both included.
+
+    Example:
+        >>> epochs = EpochSet([(1, 1), (5, 9)])
+        >>> 7 in epochs, 4 in epochs, epochs == {1, 5, 6, 7, 8, 9}
+        (True, False, True)
+    """
+
+    def __init__(self, ranges: Iterable[tuple[int, int]]):
+        merged: list[list[int]] = []
+        for lo, hi in sorted((int(lo), int(hi)) for lo, hi in ranges):
+            if merged and lo <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        self.ranges: tuple[tuple[int, int], ...] = tuple((lo, hi) for lo, hi in merged)
+
+    def __contains__(self, epoch: object) -> bool:
+        if not isinstance(epoch, (int, np.integer)) or isinstance(epoch, bool):
+            return False
+        return any(lo <= epoch <= hi for lo, hi in self.ranges)
+
+    def __bool__(self) -> bool:
+        return bool(self.ranges)
+
+    def __iter__(self) -> Iterator[int]:
+        """Every epoch in order; lazily, but a huge range yields for as long as it is."""
+        for lo, hi in self.ranges:
+            yield from range(lo, hi + 1)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, EpochSet):
+            return self.ranges == other.ranges
+        if isinstance(other, (set, frozenset)):
+            # Compared without expanding self: count, then membership of every element.
+            size = sum(hi - lo + 1 for lo, hi in self.ranges)
+            return size == len(other) and all(e in self for e in other)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        parts = [str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in self.ranges]
+        return f"EpochSet({','.join(parts)!r})"
+
+
 def write_checkpoint(
     path: str | os.PathLike,
     weights: Sequence[tuple[str, np.ndarray]],
@@ -249,7 +339,7 @@ def write_checkpoint(
             f.attrs["epoch"] = int(epoch)
             f.attrs["step"] = int(step)
             f.attrs["time"] = float(time)
-            f.attrs["logs"] = json.dumps(to_jsonable(logs))
+            f.attrs["logs"] = json.dumps(strict_json(to_jsonable(logs)), allow_nan=False)
             group = f.create_group("weights")
             for index, (key, array) in enumerate(weights):
                 # The position in model.weights: lets a rebuilt model whose layers got
@@ -275,56 +365,154 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
                     f"checkpoint {path} is not a trueloss-replay checkpoint "
                     f"(format attribute {attrs.get('format')!r}). Remove it from checkpoints/."
                 )
-            if int(attrs.get("version", -1)) > FORMAT_VERSION:
-                raise RunFormatError(
-                    f"checkpoint {path} has format version {attrs.get('version')}; this "
-                    f"trueloss-replay reads up to {FORMAT_VERSION}. Upgrade trueloss-replay."
-                )
-            if "weights" not in f:
+            check_version(attrs.get("version"), f"checkpoint {path}")
+            if not isinstance(f.get("weights"), h5py.Group):
                 raise RunFormatError(f"checkpoint {path} has no 'weights' group; it is damaged.")
+            logs = json.loads(attrs.get("logs", "{}"))
+            if not isinstance(logs, dict):
+                raise RunFormatError(
+                    f"checkpoint {path}: its 'logs' attribute is not a JSON object; it is damaged."
+                )
             return Checkpoint(
                 name=path.name,
                 path=path,
                 epoch=int(attrs.get("epoch", epoch)),
                 step=int(attrs["step"]),
                 time=float(attrs["time"]),
-                logs=json.loads(attrs.get("logs", "{}")),
+                logs=logs,
             )
     except RunFormatError:
         raise
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError, TypeError) as e:
         raise RunFormatError(
             f"checkpoint {path} cannot be read ({e}). It is damaged; delete it or replay "
             "the others with --epochs."
         ) from e
 
 
-def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def read_weights(
+    path: str | os.PathLike, expected: Sequence[Sequence[Any]] | None = None
+) -> dict[str, np.ndarray]:
     """All of a checkpoint's weights, keyed as ``weight_keys`` names them.
 
+    A checkpoint is untrusted input: a dataset can declare any shape (a file of a few KB
+    can declare hundreds of GiB that HDF5 fills in on read) and any dtype. So everything is
+    checked from the HDF5 metadata before a single value is read: every dataset must hold
+    numbers; names, shapes and dtypes must fit the model's signature (``check_signature``);
+    and a dataset must hold in the file the bytes its shape declares (a never-written one
+    does not). Only then is the data read.
+
+    Args:
+        path: the checkpoint file.
+        expected: the model's ``[[key, shape, dtype], ...]`` (``model_signature``). Default:
+            the ``variables`` recorded in the manifest of the run folder that holds the
+            checkpoint (``RUN_DIR/checkpoints/``), when there is one.
+
+    Returns:
+        ``{key: array}`` in the order of the model's weights when the file was written.
+
     Raises:
-        RunFormatError: the file cannot be read.
+        RunFormatError: the file cannot be read, or holds a variable that is not numeric,
+            declares more data than it stores, or is too large to read into memory.
+        CheckpointMismatchError: a variable is missing, extra, of another shape or of a
+            dtype that does not fit the model's; the message names it.
+
+    Example:
+        >>> weights = read_weights("runs/exp1/checkpoints/e0003.h5", model_signature(model))
     """
     path = Path(path)
-    weights: dict[str, np.ndarray] = {}
+    source = str(path)
     try:
         with h5py.File(path, "r") as f:
-            group = f["weights"]
-
-            found = []
+            group = f.get("weights")
+            if not isinstance(group, h5py.Group):
+                raise RunFormatError(f"checkpoint {path} has no 'weights' group; it is damaged.")
+            found: list[tuple[int, str, h5py.Dataset]] = []
 
             def visit(name, obj):
                 if isinstance(obj, h5py.Dataset):
-                    found.append((int(obj.attrs.get("index", len(found))), name, obj[()]))
+                    found.append((int(obj.attrs.get("index", len(found))), name, obj))
 
             group.visititems(visit)
-            weights = {name: array for _, name, array in sorted(found, key=lambda t: t[0])}
-    except (OSError, KeyError) as e:
+            datasets = {name: obj for _, name, obj in sorted(found, key=lambda t: t[0])}
+            for name, obj in datasets.items():
+                _check_numeric(name, obj.dtype, source)
+            signature = expected if expected is not None else _recorded_signature(path)
+            if signature is not None:
+                check_signature(signature, datasets, source)
+            for name, obj in datasets.items():
+                _check_stored(name, obj, source)
+            return {name: obj[()] for name, obj in datasets.items()}
+    except RunFormatError:
+        raise
+    except MemoryError as e:
         raise RunFormatError(
-            f"checkpoint {path} cannot be read ({e}). It is damaged; delete it or replay "
-            "the others with --epochs."
+            f"checkpoint {path} is too large to read into memory; it is damaged or was not "
+            "written for this model. Delete it or replay the others with --epochs."
         ) from e
-    return weights
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise RunFormatError(
+            f"checkpoint {path} cannot be read ({' '.join(str(e).split())}). It is damaged; "
+            "delete it or replay the others with --epochs."
+        ) from e
+
+
+def _recorded_signature(path: Path) -> list[Any] | None:
+    # The variables the training run recorded, when the checkpoint sits in a run folder.
+    if path.parent.name != CHECKPOINT_DIR:
+        return None
+    try:
+        return read_manifest(path.parent.parent).get("variables")
+    except RunFormatError:
+        return None
+
+
+def _check_numeric(key: str, dtype: Any, source: str) -> None:
+    kind = getattr(np.dtype(dtype), "kind", "?") if _is_dtype(dtype) else "?"
+    if kind not in _NUMERIC_KINDS:
+        raise RunFormatError(
+            f"checkpoint {source}: variable {key!r} is stored as {dtype}, not as numbers; "
+            "the file is damaged or was not written by trueloss-replay. Delete it or replay "
+            "the others with --epochs."
+        )
+
+
+def _is_dtype(dtype: Any) -> bool:
+    try:
+        np.dtype(dtype)
+    except TypeError:
+        return False
+    return True
+
+
+def _check_stored(key: str, dataset: h5py.Dataset, source: str) -> None:
+    # Without compression a dataset stores every byte it declares; one created with a shape
+    # and never written stores none, and reading it would allocate the whole shape.
+    if dataset.id.get_create_plist().get_nfilters() > 0:
+        return
+    stored, declared = dataset.id.get_storage_size(), dataset.size * dataset.dtype.itemsize
+    if stored < declared:
+        raise RunFormatError(
+            f"checkpoint {source}: variable {key!r} declares shape {dataset.shape} "
+            f"({declared:,} bytes) but the file stores {stored:,} bytes of it; the file is "
+            "damaged. Delete it or replay the others with --epochs."
+        )
+
+
+#: dtype kinds a variable may be stored as: bool, signed and unsigned ints, floats.
+_NUMERIC_KINDS = "biuf"
+#: which stored kinds each kind of model variable accepts (a float read into an int
+#: variable would be truncated).
+_ACCEPTS = {"f": "biuf", "i": "biu", "u": "biu", "b": "biu"}
+
+
+def _variable_kind(dtype: Any) -> str:
+    # Keras names dtypes as strings; bfloat16 and float8 are not numpy's.
+    name = str(dtype)
+    for prefix, kind in (("bool", "b"), ("uint", "u"), ("int", "i"), ("bfloat", "f")):
+        if name.startswith(prefix):
+            return kind
+    return "f" if name.startswith("float") else "?"
 
 
 _UNIQUIFIER = re.compile(r"_\d+(?=/|$)")
@@ -351,11 +539,6 @@ def match_weights(model, weights: Mapping[str, np.ndarray], source: str) -> list
     return [weights[k] for k in check_signature(model_signature(model), weights, source)]
 
 
-def check_weights(model, weights: Mapping[str, np.ndarray], source: str) -> None:
-    """Raises ``CheckpointMismatchError`` unless ``weights`` fit ``model`` (``check_signature``)."""
-    check_signature(model_signature(model), weights, source)
-
-
 def check_signature(
     signature: Sequence[Sequence[Any]],
     weights: Mapping[str, np.ndarray | Sequence[int]],
@@ -379,7 +562,9 @@ def check_signature(
         The checkpoint's keys in the order of ``signature``.
 
     Raises:
-        CheckpointMismatchError: a variable is missing, extra or of another shape; the
+        RunFormatError: a variable does not hold numbers.
+        CheckpointMismatchError: a variable is missing, extra, of another shape or of a
+            dtype the model's variable cannot take (a float for an integer variable); the
             message names it.
 
     Example:
@@ -388,7 +573,7 @@ def check_signature(
         ['sequential/dense/kernel', 'sequential/dense/bias']
     """
     expected = [(str(key), tuple(int(d) for d in shape)) for key, shape, *_ in signature]
-    found = {str(k): tuple(int(d) for d in getattr(v, "shape", v)) for k, v in weights.items()}
+    found = {str(k): _shape(v, str(k), source) for k, v in weights.items()}
     keys, file_keys = [k for k, _ in expected], list(found)
     if set(keys) == set(found):
         pairs = list(zip(expected, keys, strict=True))
@@ -398,13 +583,30 @@ def check_signature(
         pairs = list(zip(expected, file_keys, strict=True))
     else:
         raise _missing_or_extra(keys, file_keys, source)
+    dtypes = {str(key): rest[0] if rest else None for key, _, *rest in signature}
     for (key, shape), file_key in pairs:
         if found[file_key] != shape:
             raise CheckpointMismatchError(
                 f"checkpoint {source}: variable {key!r} has shape {found[file_key]}, the model "
                 f"expects {shape}. Was it written by a different model?"
             )
+        stored = getattr(weights[file_key], "dtype", None)
+        if stored is not None:
+            _check_numeric(key, stored, source)
+            wanted = _variable_kind(dtypes[key])
+            if np.dtype(stored).kind not in _ACCEPTS.get(wanted, _NUMERIC_KINDS):
+                raise CheckpointMismatchError(
+                    f"checkpoint {source}: variable {key!r} is stored as {stored}, the model "
+                    f"expects {dtypes[key]}. Was it written by a different model?"
+                )
     return [file_key for _, file_key in pairs]
+
+
+def _shape(value: Any, key: str, source: str) -> tuple[int, ...]:
+    shape = getattr(value, "shape", value)
+    if shape is None:  # an HDF5 dataset with a null dataspace
+        raise RunFormatError(f"checkpoint {source}: variable {key!r} holds no array.")
+    return tuple(int(d) for d in shape)
 
 
 def _missing_or_extra(keys: list[str], file_keys: list[str], source: str) -> Exception:
@@ -463,23 +665,6 @@ def load_weights(
         variable.assign(array.astype(variable.dtype, copy=False))
 
 
-def verify_checkpoint(path: str | os.PathLike, model=None) -> Checkpoint:
-    """Opens a checkpoint, reads every weight, and checks them against ``model`` if given.
-
-    Returns:
-        The checkpoint's metadata.
-
-    Raises:
-        RunFormatError: unreadable or unknown format.
-        CheckpointMismatchError: the variables do not fit ``model``.
-    """
-    info = read_checkpoint(path)
-    weights = read_weights(path)
-    if model is not None:
-        match_weights(model, weights, str(path))
-    return info
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -499,7 +684,7 @@ class Run:
     """
 
     def __init__(self, run_dir: str | os.PathLike):
-        self.path = Path(run_dir)
+        self.path = local_path(run_dir)
         self.manifest = read_manifest(self.path)
 
     @property
@@ -558,11 +743,14 @@ def list_checkpoints(folder: Path, epoch_end_only: bool = False) -> list[Checkpo
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:
-    """The manifest of ``run_dir``, checked for format and version.
+    """The manifest of ``run_dir``, validated: format, version and the type of every field
+    that readers use.
 
     Raises:
-        RunFormatError: missing, not JSON, not a trueloss-replay run, or a newer version.
+        RunFormatError: missing, not JSON, not a trueloss-replay run, a newer version, or a
+            field of the wrong type (the message names the file and the field).
     """
+    run_dir = local_path(run_dir)
     path = run_dir / MANIFEST
     if not run_dir.is_dir():
         raise RunFormatError(
@@ -577,19 +765,137 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
         ) from e
     except (OSError, ValueError) as e:
         raise RunFormatError(
-            f"{path} cannot be read as JSON ({e}); the manifest is damaged."
+            f"{path} cannot be read as JSON ({' '.join(str(e).split())}); the manifest is damaged."
         ) from e
     if not isinstance(manifest, dict) or manifest.get("format") != RUN_FORMAT:
         raise RunFormatError(
             f"{path} is not a trueloss-replay manifest (format "
             f"{manifest.get('format') if isinstance(manifest, dict) else None!r})."
         )
-    if int(manifest.get("version", -1)) > FORMAT_VERSION:
-        raise RunFormatError(
-            f"{path} has format version {manifest.get('version')}; this trueloss-replay reads "
-            f"up to {FORMAT_VERSION}. Upgrade trueloss-replay."
-        )
+    check_version(manifest.get("version"), str(path))
+    _check_manifest(manifest, path)
     return manifest
+
+
+def check_version(version: Any, what: str) -> int:
+    """Checks a file's ``version`` field: an integer this trueloss-replay reads.
+
+    Args:
+        version: the value read from the file (JSON or an HDF5 attribute).
+        what: the file, as error messages name it.
+
+    Returns:
+        The version.
+
+    Raises:
+        RunFormatError: not an integer (``"one"``, ``"1.0"``, missing), or a newer version.
+    """
+    if isinstance(version, (bool, np.bool_)) or not isinstance(version, (int, np.integer)):
+        raise RunFormatError(
+            f"{what}: field 'version' is {_described(version)}, not an integer format "
+            "version; the file is damaged or was not written by trueloss-replay."
+        )
+    if version > FORMAT_VERSION:
+        raise RunFormatError(
+            f"{what} has format version {version}; this trueloss-replay reads up to "
+            f"{FORMAT_VERSION}. Upgrade trueloss-replay."
+        )
+    return int(version)
+
+
+def _described(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_signature(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(v, list)
+        and len(v) == 3
+        and isinstance(v[0], str)
+        and isinstance(v[1], list)
+        and all(_is_int(d) and d >= 0 for d in v[1])
+        and isinstance(v[2], str)
+        for v in value
+    )
+
+
+def _is_checkpoint_list(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(c, dict)
+        and isinstance(c.get("name"), str)
+        and (c.get("step") is None or _is_int(c["step"]))
+        and (c.get("logs") is None or isinstance(c["logs"], dict))
+        for c in value
+    )
+
+
+#: The manifest's fields that readers use: (field, check, what it must be). A missing or
+#: null field is allowed (an older or interrupted run); any other value must pass.
+_MANIFEST_FIELDS: tuple[tuple[str, Any, str], ...] = (
+    ("model", lambda v: isinstance(v, str), "a relative path (a string)"),
+    ("model_class", lambda v: isinstance(v, str), "a string"),
+    ("keras_version", lambda v: isinstance(v, str), "a string"),
+    ("tensorflow_version", lambda v: isinstance(v, str), "a string"),
+    ("jax_version", lambda v: isinstance(v, str), "a string"),
+    ("backend", lambda v: isinstance(v, str), "a string"),
+    ("status", lambda v: isinstance(v, str), "a string"),
+    ("created", _is_number, "a number (Unix seconds)"),
+    ("finished", _is_number, "a number (Unix seconds)"),
+    ("compile", lambda v: isinstance(v, dict), "an object (Keras' compile config)"),
+    ("data", lambda v: isinstance(v, str), "a 'module:function' string"),
+    (
+        "data_files",
+        lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+        'an object of relative paths ({"train": "data/train.h5"})',
+    ),
+    (
+        "params",
+        lambda v: isinstance(v, dict) and (v.get("steps") is None or _is_int(v["steps"])),
+        "an object (Keras' History.params, with an integer 'steps')",
+    ),
+    ("steps_per_epoch", lambda v: _is_int(v) and v > 0, "a positive integer"),
+    ("save_freq", lambda v: v == "epoch" or (_is_int(v) and v > 0), "'epoch' or an integer"),
+    ("variables", _is_signature, "a list of [path, shape, dtype] entries"),
+    ("checkpoints", _is_checkpoint_list, 'a list of objects, each with a "name" string'),
+)
+
+
+def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
+    for name, check, expected in _MANIFEST_FIELDS:
+        value = manifest.get(name)
+        if value is not None and not check(value):
+            raise RunFormatError(
+                f"{path}: field {name!r} must be {expected}, not {_described(value)}; the "
+                "manifest is damaged. Copy it again from where the run was trained."
+            )
+
+
+def local_path(path: str | os.PathLike, what: str = "run folder") -> Path:
+    """``path`` as a local ``Path``, refused when it is a URL (``gs://``, ``s3://`` ...).
+
+    ``Path("gs://bucket/run")`` is the local folder ``gs:/bucket/run``: without this check a
+    run meant for object storage would silently land on the local disk.
+
+    Raises:
+        RunFormatError: ``path`` contains ``://``.
+    """
+    text = os.fspath(path)
+    if "://" in str(text):
+        raise RunFormatError(
+            f"{what} {text!r} is a URL; trueloss-replay reads and writes local folders only "
+            "(object storage is not supported yet). Copy the run to a local folder first "
+            "(gsutil cp -r, aws s3 sync) or give a local path."
+        )
+    return Path(text)
 
 
 def remove_path(path: Path) -> None:

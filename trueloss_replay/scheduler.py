@@ -45,28 +45,31 @@ DATA_MAJOR_MAX_GROUP = 16
 # --------------------------------------------------------------------------- selection
 
 
-def parse_epochs(spec: str | Iterable[int] | None) -> set[int] | None:
-    """``"1,3,5-9"`` to ``{1, 3, 5, 6, 7, 8, 9}``; None means every checkpoint."""
-    if spec is None:
-        return None
+def parse_epochs(spec: str | Iterable[int] | None) -> runfmt.EpochSet | None:
+    """``"1,3,5-9"`` as an ``EpochSet`` (ranges, never expanded); None means every checkpoint.
+
+    ``"1-1000000000"`` costs no more than ``"1-9"``: membership is tested against the ranges.
+
+    Raises:
+        DataError: a part is not an epoch or a range like ``5-9``.
+    """
+    if spec is None or isinstance(spec, runfmt.EpochSet):
+        return spec
     if not isinstance(spec, str):
-        return {int(e) for e in spec}
-    chosen: set[int] = set()
+        return runfmt.EpochSet((int(e), int(e)) for e in spec)
+    ranges = []
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         low, sep, high = part.partition("-")
         try:
-            if sep:
-                lo, hi = int(low), int(high)
-                if hi < lo:
-                    raise ValueError
-                chosen.update(range(lo, hi + 1))
-            else:
-                chosen.add(int(low))
+            lo, hi = (int(low), int(high)) if sep else (int(low), int(low))
+            if hi < lo or lo < 0:
+                raise ValueError
         except ValueError as e:
             raise DataError(
                 f"--epochs {spec!r}: {part!r} is not an epoch or a range like 5-9."
             ) from e
-    return chosen
+        ranges.append((lo, hi))
+    return runfmt.EpochSet(ranges)
 
 
 def result_path(output: Path, checkpoint_name: str) -> Path:

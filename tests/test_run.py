@@ -1,0 +1,290 @@
+"""The run-folder formats as untrusted input: checkpoints, manifest, strict JSON, paths."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from trueloss_replay.errors import CheckpointMismatchError, RunFormatError
+from trueloss_replay.run import (
+    EpochSet,
+    Run,
+    atomic_write_json,
+    check_signature,
+    read_checkpoint,
+    read_manifest,
+    read_weights,
+    write_checkpoint,
+)
+
+# A variable that declares 4 TiB: HDF5 stores nothing for it and fills it in on read.
+HUGE = (2**20, 2**20)
+
+
+def first_variable(path: Path) -> tuple[str, tuple[int, ...]]:
+    """The key and shape of the checkpoint's variable number 0 (the first Dense kernel)."""
+    with h5py.File(path, "r") as f:
+        found = {}
+        f["weights"].visititems(
+            lambda name, obj: (
+                found.__setitem__(int(obj.attrs["index"]), (name, obj.shape))
+                if isinstance(obj, h5py.Dataset)
+                else None
+            )
+        )
+    return found[0]
+
+
+def replace_variable(path: Path, **create) -> str:
+    """Replaces variable number 0 of a checkpoint by ``create_dataset(**create)``."""
+    key, _ = first_variable(path)
+    with h5py.File(path, "r+") as f:
+        del f["weights"][key]
+        f["weights"].create_dataset(key, **create).attrs["index"] = 0
+    return key
+
+
+@pytest.fixture
+def checkpoint(run_copy) -> Path:
+    return run_copy / "checkpoints" / "e0002.h5"
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_huge_declared_shape_is_refused_from_the_manifest_before_reading(checkpoint):
+    key = replace_variable(checkpoint, shape=HUGE, dtype="float32")
+    assert checkpoint.stat().st_size < 100_000  # a few KB that read as 4 TiB
+
+    with pytest.raises(CheckpointMismatchError) as caught:
+        read_weights(checkpoint)
+
+    message = str(caught.value)
+    assert str(checkpoint) in message and repr(key) in message
+    assert f"has shape {HUGE}, the model expects (8, 16)" in message
+
+
+def test_huge_declared_shape_is_refused_against_a_given_signature(checkpoint, trained_run):
+    from trueloss_replay.run import model_signature
+
+    outside = checkpoint.parent.parent.parent / "loose.h5"  # no run folder around it
+    replace_variable(checkpoint, shape=HUGE, dtype="float32")
+    shutil.copy(checkpoint, outside)
+
+    with pytest.raises(CheckpointMismatchError, match=r"has shape \(1048576, 1048576\)"):
+        read_weights(outside, model_signature(trained_run.model))
+
+
+def test_data_never_written_is_refused_without_any_signature(checkpoint):
+    # Outside a run folder nothing declares the model: the file must hold what it declares.
+    outside = checkpoint.parent.parent.parent / "loose.h5"
+    key = replace_variable(checkpoint, shape=HUGE, dtype="float32")
+    shutil.copy(checkpoint, outside)
+
+    with pytest.raises(RunFormatError) as caught:
+        read_weights(outside)
+
+    message = str(caught.value)
+    assert repr(key) in message and f"declares shape {HUGE}" in message
+    assert f"{2**40 * 4:,} bytes" in message and "stores 0 bytes" in message
+
+
+def test_right_shape_never_written_is_refused(checkpoint):
+    key, shape = first_variable(checkpoint)
+    replace_variable(checkpoint, shape=shape, dtype="float32")
+
+    with pytest.raises(RunFormatError, match=rf"{key!r} declares shape \(8, 16\)"):
+        read_weights(checkpoint)
+
+
+@pytest.mark.parametrize(
+    "create, stored",
+    [
+        ({"data": np.full((8, 16), b"0.5", dtype="S3")}, "|S3"),
+        ({"data": np.full((8, 16), "0.5", dtype=object), "dtype": h5py.string_dtype()}, "object"),
+        ({"data": np.zeros((8, 16), dtype="complex64")}, "complex64"),
+    ],
+)
+def test_variable_that_is_not_numbers_is_refused_by_name(checkpoint, create, stored):
+    key = replace_variable(checkpoint, **create)
+
+    with pytest.raises(RunFormatError) as caught:
+        read_weights(checkpoint)
+
+    assert f"checkpoint {checkpoint}: variable {key!r} is stored as {stored}, not as numbers" in (
+        str(caught.value)
+    )
+
+
+def test_float_stored_for_an_integer_variable_is_refused():
+    signature = [["seed_generator/state", [2], "uint32"]]
+    with pytest.raises(CheckpointMismatchError, match=r"stored as float32, the model expects"):
+        check_signature(signature, {"seed_generator/state": np.zeros(2, "float32")}, "e1.h5")
+
+
+def test_integers_stored_for_a_float_variable_are_accepted():
+    signature = [["dense/bias", [3], "float32"]]
+    assert check_signature(signature, {"dense/bias": np.arange(3)}, "e1.h5") == ["dense/bias"]
+
+
+def test_a_good_checkpoint_reads_as_written(tmp_path):
+    arrays = [("dense/kernel", np.arange(6, dtype="float32").reshape(2, 3)), ("step", np.int64(7))]
+    path = tmp_path / "checkpoints" / "e0001.h5"
+    path.parent.mkdir()
+    write_checkpoint(path, arrays, epoch=1, step=7, time=0.0)
+
+    weights = read_weights(path, [["dense/kernel", [2, 3], "float32"], ["step", [], "int64"]])
+
+    assert list(weights) == ["dense/kernel", "step"]
+    np.testing.assert_array_equal(weights["dense/kernel"], arrays[0][1])
+    assert weights["step"] == 7
+
+
+def test_checkpoint_with_a_text_version_is_refused(checkpoint):
+    with h5py.File(checkpoint, "r+") as f:
+        f.attrs["version"] = "one"
+
+    with pytest.raises(RunFormatError, match=r"field 'version' is str 'one', not an integer"):
+        read_checkpoint(checkpoint)
+
+
+def test_nan_logs_are_stored_as_strict_json(tmp_path):
+    path = tmp_path / "e0001.h5"
+    logs = {"loss": float("nan"), "val_loss": float("inf")}
+    write_checkpoint(path, [("w", np.zeros(1, "float32"))], epoch=1, step=1, time=0.0, logs=logs)
+
+    with h5py.File(path, "r") as f:
+        text = f.attrs["logs"]
+    assert json.loads(text, parse_constant=pytest.fail) == {"loss": None, "val_loss": "Infinity"}
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def rewrite_manifest(run_dir: Path, **fields) -> Path:
+    path = run_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.update(fields)
+    path.write_text(json.dumps(manifest))
+    return path
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("version", "one", "field 'version' is str 'one', not an integer"),
+        ("version", 1.0, "field 'version' is float 1.0, not an integer"),
+        ("params", "epochs=3", "field 'params' must be an object"),
+        ("params", {"steps": "6"}, "field 'params' must be an object"),
+        ("data_files", ["data/train.h5"], "field 'data_files' must be an object"),
+        ("data_files", {"train": 3}, "field 'data_files' must be an object"),
+        ("checkpoints", {"e0001.h5": {}}, "field 'checkpoints' must be a list"),
+        ("checkpoints", ["e0001.h5"], "field 'checkpoints' must be a list"),
+        ("variables", [["dense/kernel", "8x16", "float32"]], "field 'variables' must be a list"),
+        ("model", 3, "field 'model' must be a relative path"),
+        ("data", ["os:getcwd"], "field 'data' must be a 'module:function' string"),
+        ("compile", "adam", "field 'compile' must be an object"),
+        ("steps_per_epoch", "6", "field 'steps_per_epoch' must be a positive integer"),
+        ("status", 0, "field 'status' must be a string"),
+    ],
+)
+def test_manifest_field_of_the_wrong_type_is_named(run_copy, field, value, expected):
+    path = rewrite_manifest(run_copy, **{field: value})
+
+    with pytest.raises(RunFormatError) as caught:
+        read_manifest(run_copy)
+
+    assert str(path) in str(caught.value) and expected in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_manifest_without_optional_fields_is_read(run_copy):
+    path = run_copy / "manifest.json"
+    path.write_text(json.dumps({"format": "trueloss-replay/run", "version": 1}))
+
+    assert read_manifest(run_copy) == {"format": "trueloss-replay/run", "version": 1}
+
+
+# --------------------------------------------------------------------------- strict JSON
+
+
+def test_atomic_write_json_is_strict_json(tmp_path):
+    path = tmp_path / "result.json"
+    figures = {"loss": float("nan"), "val_loss": np.float32("inf"), "acc": np.float64(0.5)}
+
+    atomic_write_json(path, {"train": figures, "list": [np.nan, -np.inf, 1]})
+
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" in text
+    parsed = json.loads(text, parse_constant=pytest.fail)  # a bare NaN/Infinity token fails
+    assert parsed == {
+        "train": {"loss": None, "val_loss": "Infinity", "acc": 0.5},
+        "list": [None, "-Infinity", 1],
+    }
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [(None, math.nan), ("Infinity", math.inf), ("-Infinity", -math.inf), (0.25, 0.25), (2, 2.0)],
+)
+def test_json_float_reads_back_what_strict_json_writes(value, expected):
+    from trueloss_replay.run import json_float
+
+    assert json_float(value) == expected or (math.isnan(expected) and math.isnan(json_float(value)))
+
+
+# --------------------------------------------------------------------------- epochs and paths
+
+
+def test_epoch_set_of_a_huge_range_tests_membership_without_expanding():
+    epochs = EpochSet([(1, 10**9), (0, 0)])
+
+    assert epochs.ranges == ((0, 10**9),)
+    assert 0 in epochs and 10**9 in epochs and 10**9 + 1 not in epochs
+    assert epochs != {1, 2, 3}
+
+
+@pytest.mark.parametrize("url", ["gs://bucket/run", "s3://bucket/run", "file:///tmp/run"])
+def test_run_given_as_a_url_is_refused(url, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(RunFormatError, match=r"is a URL; trueloss-replay reads and writes local"):
+        Run(url)
+
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("url", ["gs://bucket/run", "s3://bucket/run"])
+def test_callback_refuses_a_url_before_creating_anything(url, tmp_path, monkeypatch):
+    from trueloss_replay import ReplayCheckpoint
+
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(RunFormatError, match=rf"run folder '{url}' is a URL"):
+        ReplayCheckpoint(url)
+
+    assert os.listdir(tmp_path) == []  # no local folder named gs: or s3:
+
+
+def test_version_comes_from_the_package_metadata():
+    import importlib.metadata
+
+    import trueloss_replay
+
+    assert trueloss_replay.__version__ == importlib.metadata.version("trueloss-replay")
+
+
+def test_license_file_is_the_declared_licence():
+    root = Path(__file__).resolve().parents[1]
+    pyproject = (root / "pyproject.toml").read_text()
+    assert 'license = "Apache-2.0"' in pyproject
+    text = (root / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text
