@@ -423,7 +423,10 @@ def make_split(name: str, source: Any) -> Split:
 
 def call_factory(reference: str) -> dict[str, Any]:
     """Imports and calls a ``module:function`` data factory: ``{"train": ..., "val": ...}``."""
-    factory = import_reference(reference, "data")
+    return _produce(import_reference(reference, "data"), reference)
+
+
+def _produce(factory: Any, reference: str) -> dict[str, Any]:
     try:
         produced = factory()
     except Exception as e:
@@ -439,22 +442,49 @@ def call_factory(reference: str) -> dict[str, Any]:
 
 
 def resolve_splits(
-    run: Any, *, data: str | None = None, train: Any = None, val: Any = None
+    run: Any,
+    *,
+    data: str | None = None,
+    train: Any = None,
+    val: Any = None,
+    trust_data_factory: bool = False,
 ) -> dict[str, Split]:
     """The data a replay evaluates. For each split on its own, the first that is given of:
     an explicit ``train``/``val`` (arrays, a file, a dataset), the ``module:function``
     factory (``data``, else the manifest's), the callback's snapshot in ``RUN_DIR/data/``.
     So ``--val other.npz`` alone keeps the recorded training data.
 
+    The manifest's factory is code that a run folder names, and it is imported and called:
+    it is refused when it resolves to the standard library or to an installed package
+    (``check_recorded_factory``) unless ``trust_data_factory``. A factory passed as ``data``
+    is the caller's own choice and is always called.
+
+    Args:
+        run: the opened ``run.Run``.
+        data: a ``module:function`` factory; default the one recorded in the manifest.
+        train: training data (arrays, an ``.npz``/``.h5`` path, a dataset).
+        val: validation data, the same kinds.
+        trust_data_factory: call the manifest's factory wherever it resolves.
+
+    Returns:
+        ``{"train": Split, "val": Split}`` (``val`` only when there is validation data).
+
     Raises:
-        DataError: no training data can be found, or a source is malformed.
+        DataError: no training data can be found, a source is malformed, or the manifest's
+            factory cannot be imported or is refused by the trust policy.
+
+    Example:
+        >>> splits = resolve_splits(Run("runs/exp1"), val="val.npz")
     """
     sources: dict[str, Any] = {
         split: run.resolve(rel) for split, rel in (run.manifest.get("data_files") or {}).items()
     }
     reference = data or run.manifest.get("data")
     if reference and (train is None or val is None):
-        produced = call_factory(reference)
+        if data:
+            produced = call_factory(reference)
+        else:
+            produced = _call_recorded_factory(run, reference, trust_data_factory)
         sources.update({name: s for name, s in produced.items() if s is not None})
     sources.update({name: s for name, s in (("train", train), ("val", val)) if s is not None})
     if sources.get("train") is None:
@@ -463,3 +493,87 @@ def resolve_splits(
             "(or give ReplayCheckpoint data= or train_data= when training)."
         )
     return {name: make_split(name, sources[name]) for name in ("train", "val") if name in sources}
+
+
+def _call_recorded_factory(run: Any, reference: str, trusted: bool) -> dict[str, Any]:
+    manifest = run.path / "manifest.json"
+    instead = (
+        "pass the data yourself: data='module:function' or train=/val= arrays or files "
+        "(on the command line --data, --train, --val)"
+    )
+    if not trusted:
+        check_recorded_factory(reference, manifest)
+    try:
+        factory = import_reference(reference, "data")
+    except DataError as e:
+        raise DataError(
+            f"the data factory {reference!r} recorded in {manifest} cannot be used: "
+            f"{str(e).rstrip('.')}. Make its module importable here, or {instead}."
+        ) from e
+    return _produce(factory, reference)
+
+
+def check_recorded_factory(reference: str, manifest: str | os.PathLike = "the manifest") -> None:
+    """The trust policy for a data factory that a run folder names (``manifest.json``).
+
+    A run folder may come from anywhere, and its factory is imported and called on replay:
+    one naming ``os:abort``, ``shutil:rmtree`` or any function of an installed package would
+    run it. So a recorded factory must resolve to a module of the user's own (beside the
+    run, on the Python path, not installed into the environment); one that resolves to the
+    standard library or to an installed package (under ``site-packages`` /
+    ``dist-packages``) is refused. The module's location is looked up without importing it.
+
+    Args:
+        reference: the ``module:function`` reference from the manifest.
+        manifest: the manifest's path, for the message.
+
+    Raises:
+        DataError: the factory resolves to the standard library or an installed package.
+
+    Example:
+        >>> check_recorded_factory("os:getcwd", "runs/exp1/manifest.json")
+        Traceback (most recent call last):
+        DataError: the data factory 'os:getcwd' recorded in runs/exp1/manifest.json ...
+    """
+    module = reference.partition(":")[0]
+    where = _module_home(module.split(".")[0])
+    if where is None:
+        return
+    raise DataError(
+        f"the data factory {reference!r} recorded in {manifest} resolves to {where}; a run "
+        "folder from elsewhere could name any function there (os:abort), so it is not "
+        "called. If you trust this run folder, pass trust_data_factory=True "
+        "(--trust-data-factory); or pass the factory yourself as data= (--data)."
+    )
+
+
+def _module_home(top: str) -> str | None:
+    """'the standard library', 'the installed package X', or None for the user's own code."""
+    import importlib.util
+    import sysconfig
+
+    if top in sys.stdlib_module_names or top in sys.builtin_module_names:
+        return "the standard library"
+    put_cwd_on_path()  # where import_reference will look
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None  # import_reference reports it
+    if spec is None:
+        return None
+    if spec.origin in ("built-in", "frozen"):
+        return "the standard library"
+    locations = [spec.origin] if spec.origin else []
+    locations += list(spec.submodule_search_locations or [])
+    stdlib = {
+        Path(sysconfig.get_paths()[key]).resolve()
+        for key in ("stdlib", "platstdlib")
+        if sysconfig.get_paths().get(key)
+    }
+    for location in locations:
+        path = Path(location).resolve()
+        if {"site-packages", "dist-packages"} & set(path.parts):
+            return f"the installed package {top!r}"
+        if any(path.is_relative_to(folder) for folder in stdlib):
+            return "the standard library"
+    return None

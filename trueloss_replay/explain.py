@@ -357,6 +357,7 @@ def explain(
     model: Callable | str | None = None,
     imports: Iterable[str] = (),
     on_checkpoint: Callable[[str, bool], None] | None = None,
+    trust_data_factory: bool = False,
 ) -> pd.DataFrame:
     """Splits each epoch's reported training loss into true loss, penalty, training mode, drift.
 
@@ -386,6 +387,8 @@ def explain(
         model: a model builder when the run has no saved architecture.
         imports: modules to import first (custom layers, losses, metrics).
         on_checkpoint: called with each checkpoint's name and whether it was reused.
+        trust_data_factory: call the manifest's data factory even when it resolves to the
+            standard library or an installed package (``data.check_recorded_factory``).
 
     Returns:
         pandas.DataFrame: one row per epoch-end checkpoint with the columns of ``COLUMNS``;
@@ -414,7 +417,11 @@ def explain(
     run = runfmt.Run(run_dir)
     import_modules(imports)
     seed_list = _seed_list(seeds)
-    splits = resolve_splits(run, data=data, train=train, val=val)
+    splits = resolve_splits(
+        run, data=data, train=train, val=val, trust_data_factory=trust_data_factory
+    )
+    if data is None and trust_data_factory:
+        data = run.manifest.get("data")  # confirmed: the replay below may call it too
     train_split = splits["train"]
     batch = _training_batch_size(run, train_split, batch_size)
     device = device or resolve_devices("auto")[0]
@@ -431,6 +438,7 @@ def explain(
         try:
             replay(
                 run.path,
+                data=data,
                 train=train_split,
                 val=splits.get("val"),
                 devices=[device],
@@ -457,8 +465,8 @@ def explain(
         except RunFormatError as e:
             failures[c.name] = str(e)
             continue
-        reported = (result.get("reported") or {}).get("loss")
-        if reported is None:
+        # A diverged epoch's NaN is stored as null, but the key is there.
+        if "loss" not in (result.get("reported") or {}):
             failures[c.name] = "Keras logged no training loss for this epoch"
             continue
         stored = result.get("explain")
@@ -524,15 +532,16 @@ def _explain_checkpoint(
         train_split,
         batch_size=settings["batch_size"],
         seeds=settings["seeds"],
-        weights=runfmt.read_weights(checkpoint.path),
+        # Checked against this model from the file's metadata before any data is read.
+        weights=runfmt.read_weights(checkpoint.path, runfmt.model_signature(evaluator.model)),
         source=str(checkpoint.path),
         shuffle=settings["shuffle"],
     )
     figures = result["train"]
     parts = decompose(
-        float(result["reported"]["loss"]),
-        float(figures["loss"]),
-        float(figures.get("regularization_loss", 0.0)),
+        runfmt.json_float(result["reported"]["loss"]),
+        runfmt.json_float(figures.get("loss")),
+        runfmt.json_float(figures.get("regularization_loss", 0.0)),
         float(per_seed.mean()),
     )
     stored = {
@@ -562,21 +571,17 @@ def _row(checkpoint: runfmt.Checkpoint, result: Mapping[str, Any], parts: Mappin
     return {
         "checkpoint": checkpoint.name,
         "epoch": checkpoint.epoch,
-        "reported_loss": float(result["reported"]["loss"]),
-        "reported_val_loss": _float(result["reported"].get("val_loss")),
-        "loss": float(result["train"]["loss"]),
-        "val_loss": _float(val.get("loss")),
-        "gap_penalty": float(parts["penalty"]),
-        "gap_training_mode": float(parts["training_mode"]),
-        "gap_training_mode_se": math.nan if se is None else float(se),
-        "gap_drift": float(parts["drift"]),
+        "reported_loss": runfmt.json_float(result["reported"]["loss"]),
+        "reported_val_loss": runfmt.json_float(result["reported"].get("val_loss")),
+        "loss": runfmt.json_float(result["train"].get("loss")),
+        "val_loss": runfmt.json_float(val.get("loss")),
+        "gap_penalty": runfmt.json_float(parts.get("penalty")),
+        "gap_training_mode": runfmt.json_float(parts.get("training_mode")),
+        "gap_training_mode_se": runfmt.json_float(se),
+        "gap_drift": runfmt.json_float(parts.get("drift")),
         "batch_size": parts.get("batch_size"),
         "seeds": len(parts.get("seeds") or []),
     }
-
-
-def _float(value: Any) -> float:
-    return math.nan if value is None else float(value)
 
 
 # --------------------------------------------------------------------------- verdict
