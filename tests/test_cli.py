@@ -335,3 +335,115 @@ def test_export_of_a_run_not_replayed_fails(run_copy, tmp_path):
 
     assert result.exit_code == 1
     assert "holds no replay results" in result.output
+
+
+# --------------------------------------------------------------------------- untrusted run folders
+
+
+def one_line_error(result) -> str:
+    """The ``Error: ...`` line of a failed command, checked to be its last line."""
+    lines = result.output.strip().splitlines()
+    assert "Traceback" not in result.output
+    assert lines[-1].startswith("Error: "), result.output
+    return lines[-1]
+
+
+def test_inspect_verify_names_a_checkpoint_declaring_a_huge_variable(replayed_run):
+    path = replayed_run / "checkpoints" / "e0002.h5"
+    with h5py.File(path, "r+") as f:
+        key = "sequential/dense/kernel"
+        del f["weights"][key]
+        f["weights"].create_dataset(key, shape=(2**20, 2**20), dtype="float32")
+
+    result = invoke("inspect", replayed_run, "--verify")
+
+    assert result.exit_code == 1
+    line = one_line_error(result)
+    assert line.startswith(f"Error: 1 of {EPOCHS + 1} checkpoints failed verification: e0002.h5")
+    assert f"variable {key!r} has shape (1048576, 1048576), the model expects (8, 16)" in line
+
+
+@pytest.mark.parametrize("command", ["history", "inspect", "replay", "plot"])
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("version", "one", "field 'version' is str 'one', not an integer"),
+        ("params", "epochs=3", "field 'params' must be an object"),
+        ("data_files", ["data/train.h5"], "field 'data_files' must be an object"),
+        ("checkpoints", "e0001.h5", "field 'checkpoints' must be a list"),
+    ],
+)
+def test_manifest_field_of_the_wrong_type_fails_on_one_line(
+    replayed_run, command, field, value, message
+):
+    path = replayed_run / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
+
+    result = invoke(command, replayed_run)
+
+    assert result.exit_code == 1, result.output
+    assert one_line_error(result) == " ".join(one_line_error(result).split())
+    assert f"{path}: {message}" in one_line_error(result)
+
+
+@pytest.mark.parametrize("field, value", [("version", "1.0"), ("train", "0.5")])
+def test_history_of_a_result_of_the_wrong_type_names_it(replayed_run, field, value):
+    path = replayed_run / "replay" / "results" / "e0002.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
+
+    result = invoke("history", replayed_run)
+
+    assert result.exit_code == 1
+    line = one_line_error(result)
+    assert f"result file {path}" in line and repr(field) in line
+
+
+@pytest.mark.parametrize("command", ["history", "inspect", "replay", "plot", "export"])
+def test_run_folder_given_as_a_url_is_refused(command, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gs:" / "bucket" / "run").mkdir(parents=True)  # what a URL would become
+
+    result = invoke(command, "gs://bucket/run", *(["--tensorboard", "tb"] * (command == "export")))
+
+    assert result.exit_code == 2
+    assert "'gs://bucket/run' is a URL; trueloss-replay reads and writes local folders" in (
+        " ".join(result.output.split())
+    )
+
+
+def test_results_folder_given_as_a_url_is_refused(replayed_run):
+    result = invoke("history", replayed_run, "--output", "s3://bucket/results")
+
+    assert result.exit_code == 2
+    assert "'s3://bucket/results' is a URL" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv"])
+def test_history_into_a_closed_pipe_exits_quietly(replayed_run, fmt):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    command = [Path(sys.executable).parent / "trueloss-replay", "history", replayed_run]
+    process = subprocess.Popen(
+        [*command, "--format", fmt], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    process.stdout.close()  # as `| head -0` does, before the command writes its first line
+    stderr = process.stderr.read().decode()
+    process.wait(timeout=60)
+
+    assert "Error" not in stderr and "Traceback" not in stderr and "Exception" not in stderr
+
+
+def test_recorded_stdlib_data_factory_needs_trust(run_copy):
+    path = run_copy / "manifest.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "data": "os:getcwd"}))
+
+    refused = invoke("replay", run_copy, "--no-progress")
+    trusted = invoke("replay", run_copy, "--no-progress", "--trust-data-factory")
+
+    assert refused.exit_code == 1 and trusted.exit_code == 1
+    assert "resolves to the standard library" in one_line_error(refused)
+    assert "--trust-data-factory" in one_line_error(refused)
+    # Confirmed, it is called: os.getcwd returns a string, which is no data.
+    assert "data factory os:getcwd returned str" in one_line_error(trusted)

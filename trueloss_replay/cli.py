@@ -7,16 +7,39 @@ Library errors (``TruelossReplayError``) become one-line ``click.ClickException`
 
 from __future__ import annotations
 
+import errno
 import math
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from trueloss_replay.errors import TruelossReplayError
 
-_PATH = click.Path(path_type=Path)
-_RUN_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
+if TYPE_CHECKING:
+    from trueloss_replay.run import EpochSet
+
+
+class _LocalPath(click.Path):
+    """``click.Path`` that refuses a URL (``gs://bucket/run``) before it becomes the local
+    folder ``gs:/bucket/run``: object storage is not supported yet."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and "://" in value:
+            from trueloss_replay.errors import RunFormatError
+            from trueloss_replay.run import local_path
+
+            try:
+                local_path(value, "the path")
+            except RunFormatError as e:
+                self.fail(str(e), param, ctx)
+        return super().convert(value, param, ctx)
+
+
+_PATH = _LocalPath(path_type=Path)
+_RUN_DIR = _LocalPath(exists=True, file_okay=False, path_type=Path)
+_FOLDER = _LocalPath(file_okay=False, path_type=Path)
 
 
 class _Group(click.Group):
@@ -30,7 +53,8 @@ class _Group(click.Group):
                 raise
             raise click.ClickException(" ".join(str(e).split())) from e
         except OSError as e:  # a file the library did not expect to fail
-            if ctx.params.get("debug"):
+            # A closed pipe (`history RUN | head -1`): Click's main() exits quietly.
+            if ctx.params.get("debug") or e.errno == errno.EPIPE:
                 raise
             where = f"{e.filename}: " if e.filename else ""
             raise click.ClickException(f"{where}{e.strerror or e}") from e
@@ -50,7 +74,7 @@ def main(debug: bool) -> None:
 
 _output_option = click.option(
     "--output",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=_FOLDER,
     default=None,
     help="The results folder given to `replay --output` (default RUN_DIR/replay/results).",
 )
@@ -310,7 +334,7 @@ def _size(size: int) -> str:
 @click.option(
     "--tensorboard",
     "logdir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=_FOLDER,
     required=True,
     help="TensorBoard log folder to write the true curves to (scalars true/loss ...).",
 )
@@ -437,6 +461,12 @@ _data_options = _options(
         type=click.Path(exists=True, dir_okay=False, path_type=Path),
         help="Validation data, the same kinds.",
     ),
+    click.option(
+        "--trust-data-factory",
+        is_flag=True,
+        help="Call the manifest's data factory even if it is in the standard library or an "
+        "installed package (trusted runs only).",
+    ),
 )
 _model_options = _options(
     click.option(
@@ -497,7 +527,7 @@ def _epochs_option(value: str | None):
 @click.option("--force", is_flag=True, help="Recompute results that already exist.")
 @click.option(
     "--output",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=_FOLDER,
     help="Results folder (default RUN_DIR/replay/results).",
 )
 @_model_options
@@ -512,9 +542,10 @@ def replay(
     data: str | None,
     train: Path | None,
     val: Path | None,
+    trust_data_factory: bool,
     batch_size: int | None,
     devices: list[str],
-    epochs: set[int] | None,
+    epochs: EpochSet | None,
     force: bool,
     output: Path | None,
     unsafe_deserialization: bool,
@@ -537,8 +568,12 @@ def replay(
     import contextlib
 
     from trueloss_replay.errors import ReplayIncompleteError
+    from trueloss_replay.run import read_manifest
     from trueloss_replay.scheduler import replay as run_replay
 
+    if trust_data_factory and data is None:
+        # Confirmed by the user: the recorded factory is called as if typed with --data.
+        data = read_manifest(run_dir).get("data")
     progress = None if no_progress else _RichProgress()
     try:
         with progress or contextlib.nullcontext():
@@ -594,6 +629,7 @@ def explain(
     data: str | None,
     train: Path | None,
     val: Path | None,
+    trust_data_factory: bool,
     output: Path | None,
     unsafe_deserialization: bool,
     model_ref: str | None,
@@ -628,6 +664,7 @@ def explain(
             unsafe_deserialization=unsafe_deserialization,
             model=model_ref,
             imports=imports,
+            trust_data_factory=trust_data_factory,
         )
     except ExplainIncompleteError as e:
         if len(e.frame):
@@ -663,7 +700,7 @@ def _explain_table(frame, title: str):
 
 
 @main.command()
-@click.argument("directory", default="demo-run", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("directory", default="demo-run", type=_FOLDER)
 @click.option("--epochs", default=20, show_default=True, type=click.IntRange(min=1))
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def demo(directory: Path, epochs: int, no_progress: bool):
