@@ -568,12 +568,8 @@ def replay(
     import contextlib
 
     from trueloss_replay.errors import ReplayIncompleteError
-    from trueloss_replay.run import read_manifest
     from trueloss_replay.scheduler import replay as run_replay
 
-    if trust_data_factory and data is None:
-        # Confirmed by the user: the recorded factory is called as if typed with --data.
-        data = read_manifest(run_dir).get("data")
     progress = None if no_progress else _RichProgress()
     try:
         with progress or contextlib.nullcontext():
@@ -592,6 +588,7 @@ def replay(
                 imports=imports,
                 data_major=data_major,
                 progress=progress,
+                trust_data_factory=trust_data_factory,
             )
     except ReplayIncompleteError as e:
         if e.history.epoch:

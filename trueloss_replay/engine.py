@@ -2,7 +2,7 @@
 
 Backend-neutral: everything TensorFlow- or JAX-specific goes through
 ``trueloss_replay.backends``. This module returns figures and never writes files; choosing
-checkpoints, reusing results, scheduling devices and writing results is ``replay.py``.
+checkpoints, reusing results, scheduling devices and writing results is ``scheduler.py``.
 
 One compiled program per split. Array data is copied to the device once, cut into batches
 and stacked (``[batches, batch_size, ...]``); one compiled program loops over the stacked
@@ -22,10 +22,11 @@ per output) plus every entry of ``model.losses``. The step computes the two part
 with Keras' own objects (``CompileLoss``, ``CompileMetrics``, the model's
 ``_aggregate_additional_loss``), per batch, and the host sums them in float64. Metric states
 start from zero in every batch (a ``StatelessScope`` maps them to zeros) and their per-batch
-values are summed on the host; the summed state is then written to the metric variables and
-Keras' own ``result()`` turns it into the figure. This assumes additive metric states, which
-holds for every built-in Keras metric (sums, counts and confusion matrices). The figures do
-not depend on the evaluation batch size, up to float32 rounding within a batch.
+values are summed on the host; Keras' own ``result()`` then turns the summed state into the
+figure (in a ``StatelessScope`` again: no metric variable is assigned). This assumes
+additive metric states, which holds for every built-in Keras metric (sums, counts and
+confusion matrices). The figures do not depend on the evaluation batch size, up to float32
+rounding within a batch.
 
 A model that overrides ``compute_loss`` (the documented Keras 3 hook, e.g. a VAE) is
 evaluated through it: its data loss is what ``compute_loss`` returns while ``model.losses``
@@ -232,7 +233,7 @@ class Evaluator:
 
     Example:
         >>> evaluator = Evaluator(model)
-        >>> evaluator.load(run.read_weights("run/checkpoints/e0003.h5"), "e0003.h5")
+        >>> evaluator.load(runfmt.read_weights("run/checkpoints/e0003.h5"), "e0003.h5")
         >>> figures, count = evaluator.evaluate(split, batch_size=2048)
     """
 
@@ -247,6 +248,7 @@ class Evaluator:
         self._tracked: list[Any] = []
         self._state: list[Any] = []
         self._params: Params | None = None
+        self._signature: list[list[Any]] | None = None
         self._programs: dict[str, Callable] = {}
         self._resident: dict[str, _Resident | None] = {}
         self._xla = jit_compile is not False
@@ -259,7 +261,8 @@ class Evaluator:
         Raises:
             CheckpointMismatchError: the weights do not fit the model.
         """
-        arrays = runfmt.match_weights(self.model, weights, source)
+        keys = runfmt.check_signature(self.signature, weights, source)
+        arrays = [weights[k] for k in keys]
         by_id = {
             id(v): np.asarray(a).astype(v.dtype, copy=False)
             for a, v in zip(arrays, self.model.weights, strict=True)
@@ -337,17 +340,21 @@ class Evaluator:
         """The arrays in stateless-call order; a variable no checkpoint holds (a seed
         generator's state) keeps the model's value."""
 
-        def put(variable):
-            array = by_id.get(id(variable))
-            return self.backend.to_device(
-                np.asarray(variable) if array is None else array, self.device
-            )
-
         model = self.model
-        return (
-            [put(v) for v in model.trainable_variables],
-            [put(v) for v in model.non_trainable_variables],
-        )
+        ordered = [*model.trainable_variables, *model.non_trainable_variables]
+        arrays = [by_id.get(id(v)) for v in ordered]
+        arrays = [np.asarray(v) if a is None else a for a, v in zip(arrays, ordered, strict=True)]
+        placed = self.backend.to_device_many(arrays, self.device)  # one transfer call
+        split = len(model.trainable_variables)
+        return placed[:split], placed[split:]
+
+    @property
+    def signature(self) -> list[list[Any]]:
+        """The model's ``[[key, shape, dtype], ...]`` (``run.model_signature``), computed once
+        the model is built: checkpoints are checked against it before they are read."""
+        if self._signature is None or not self._signature and self.model.weights:
+            self._signature = runfmt.model_signature(self.model)
+        return self._signature
 
     def _dispatch(self, split, batch_size, params: Sequence[Params], on_batch):
         """Runs the programs for every weight set; the outputs stay on the device.
@@ -557,13 +564,14 @@ class Evaluator:
         loss_sum = reg_sum = 0.0
         count = 0
         state_sums: list[np.ndarray] | None = None
-        for n, (data, reg, states) in pending:
-            try:  # an asynchronous device error surfaces when a value is read
-                data = np.asarray(data, dtype=np.float64)
-                reg = np.asarray(reg, dtype=np.float64)
-                values = [np.asarray(s, dtype=np.float64) for s in states]
-            except Exception as e:  # noqa: BLE001
-                raise evaluation_error(e, split_name, n) from e
+        try:  # an asynchronous device error surfaces when a value is read
+            fetched = self.backend.to_host([outputs for _, outputs in pending])
+        except Exception as e:  # noqa: BLE001
+            raise evaluation_error(e, split_name, pending[0][0] if pending else 0) from e
+        for (n, _), (data, reg, states) in zip(pending, fetched, strict=True):
+            data = np.asarray(data, dtype=np.float64)
+            reg = np.asarray(reg, dtype=np.float64)
+            values = [np.asarray(s, dtype=np.float64) for s in states]
             if data.ndim:  # the loop program's outputs: one row per batch of n examples
                 values = [v.sum(axis=0) for v in values]
             loss_sum += float(data.sum()) * n
@@ -581,15 +589,22 @@ class Evaluator:
         return figures, count
 
     def _metric_results(self, state_sums: Sequence[np.ndarray]) -> dict[str, float]:
-        for variable, total in zip(self._state, state_sums, strict=True):
-            variable.assign(total.astype(variable.dtype))
+        """Keras' own ``result()`` of the summed states, computed in host memory on values
+        passed through a ``StatelessScope``: no variable assigned, no device round trip."""
+        import keras
+
         results: dict[str, float] = {}
-        for metric in self._tracked:
-            value = metric.result()
-            if isinstance(value, dict):
-                results.update({k: float(np.asarray(v)) for k, v in value.items()})
-            else:
-                results[metric.name] = float(np.asarray(value))
+        with self.backend.host_scope():
+            mapping = [
+                (v, total.astype(v.dtype)) for v, total in zip(self._state, state_sums, strict=True)
+            ]
+            with keras.StatelessScope(state_mapping=mapping):
+                for metric in self._tracked:
+                    value = metric.result()
+                    if isinstance(value, dict):
+                        results.update({k: float(np.asarray(v)) for k, v in value.items()})
+                    else:
+                        results[metric.name] = float(np.asarray(value))
         return results
 
 

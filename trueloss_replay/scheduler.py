@@ -138,6 +138,7 @@ def replay(
     jit_compile: bool | None = None,
     progress: _Progress | None = None,
     data_major: bool = False,
+    trust_data_factory: bool = False,
 ):
     """Evaluates every checkpoint of a run in inference mode; returns the true-loss History.
 
@@ -169,6 +170,9 @@ def replay(
             ``DATA_MAJOR_BYTES`` of staged weights per device (a model larger than half of
             that is evaluated one checkpoint at a time). Array data already on the device
             gains nothing from it.
+        trust_data_factory: call the manifest's recorded data factory even when it resolves
+            to the standard library or an installed package (see ``data.resolve_splits``);
+            a factory passed as ``data`` is always called.
 
     Returns:
         keras.callbacks.History: the true curves (keys in DESIGN.md).
@@ -197,7 +201,9 @@ def replay(
     # Device workers report from their own threads.
     progress = _SerializedProgress(progress or _Progress())
     import_modules(imports)
-    splits = resolve_splits(run, data=data, train=train, val=val)
+    splits = resolve_splits(
+        run, data=data, train=train, val=val, trust_data_factory=trust_data_factory
+    )
     fingerprints = {name: split.fingerprint for name, split in splits.items()}
     device_names = resolve_devices(devices) if isinstance(devices, str) else list(devices)
     if not device_names:
@@ -411,15 +417,20 @@ class _Context:
 def _checkpoint_major_loop(ctx: _Context, work: queue.Queue) -> None:
     """One checkpoint at a time, every split; the next checkpoint is read meanwhile."""
     evaluator = ctx.evaluator
+    # Checked against the model before any value is read (None: not built yet; then the
+    # manifest's record is the reference).
+    signature = evaluator.signature or None
     with ThreadPoolExecutor(max_workers=1) as reader:
         upcoming = _take(work)
-        future = reader.submit(runfmt.read_weights, upcoming.path) if upcoming else None
+        future = reader.submit(runfmt.read_weights, upcoming.path, signature) if upcoming else None
         while upcoming is not None:
             checkpoint, current = upcoming, future
             # Read the next checkpoint from disk while this one evaluates: at most two
             # checkpoints' weights in host memory per device.
             upcoming = _take(work)
-            future = reader.submit(runfmt.read_weights, upcoming.path) if upcoming else None
+            future = (
+                reader.submit(runfmt.read_weights, upcoming.path, signature) if upcoming else None
+            )
             started = time.perf_counter()
             try:
                 evaluator.load(current.result(), str(checkpoint.path))
@@ -447,7 +458,8 @@ def _data_major_loop(ctx: _Context, work: queue.Queue, group: int) -> None:
             try:
                 # One checkpoint's host arrays at a time; the staged copies live on the device.
                 weights = evaluator.stage(
-                    runfmt.read_weights(checkpoint.path), str(checkpoint.path)
+                    runfmt.read_weights(checkpoint.path, evaluator.signature or None),
+                    str(checkpoint.path),
                 )
             except DataError:
                 raise

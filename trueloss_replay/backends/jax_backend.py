@@ -9,7 +9,8 @@ weights with ``device_put`` is what picks the device.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 DISPLAY_NAME = "JAX"
@@ -22,6 +23,7 @@ def version() -> str:
     return jax.__version__
 
 
+@functools.cache
 def _devices() -> dict[str, Any]:
     import jax
 
@@ -63,6 +65,29 @@ def to_device(value: Any, device: str | None) -> Any:
     if not isinstance(value, jax.Array):
         value = np.asarray(value)  # tf.data tensors and the like
     return jax.device_put(value, _devices()[device] if device else None)
+
+
+def to_device_many(values: Sequence[Any], device: str | None) -> list[Any]:
+    """Several arrays onto ``device`` in one transfer call (weights: one per variable)."""
+    import jax
+    import numpy as np
+
+    arrays = [v if isinstance(v, jax.Array) else np.asarray(v) for v in values]
+    return list(jax.device_put(arrays, _devices()[device] if device else None))
+
+
+def to_host(tree: Any) -> Any:
+    """Every array of a structure as numpy, fetched in one call (one wait for the device)."""
+    import jax
+
+    return jax.device_get(tree)
+
+
+def host_scope():
+    """A context in which new arrays live in host memory (small bookkeeping ops)."""
+    import jax
+
+    return jax.default_device(jax.devices("cpu")[0])
 
 
 def compile_step(fn: Callable, jit: bool) -> Callable:

@@ -8,7 +8,7 @@ already on the device run without a Python call per batch.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 DISPLAY_NAME = "TensorFlow"
@@ -51,6 +51,24 @@ def to_device(value: Any, device: str | None) -> Any:
     with device_scope(device):
         # tf.identity copies a tensor that lives elsewhere onto this device.
         return tf.identity(tf.convert_to_tensor(value))
+
+
+def to_device_many(values: Sequence[Any], device: str | None) -> list[Any]:
+    """Several arrays onto ``device`` (weights: one per variable)."""
+    return [to_device(v, device) for v in values]
+
+
+def to_host(tree: Any) -> Any:
+    """Every tensor of a structure as numpy."""
+    import numpy as np
+    import tensorflow as tf
+
+    return tf.nest.map_structure(np.asarray, tree)
+
+
+def host_scope():
+    """A context in which new tensors live in host memory (small bookkeeping ops)."""
+    return device_scope("/CPU:0")
 
 
 def compile_step(fn: Callable, jit: bool) -> Callable:
