@@ -625,8 +625,8 @@ class _WeightsCensus:
     def wrap(self, read_weights):
         import weakref
 
-        def counted(path):
-            weights = read_weights(path)
+        def counted(path, *args, **kwargs):
+            weights = read_weights(path, *args, **kwargs)
             arrays = list(weights.values())
             if arrays:
                 self.alive += 1
