@@ -102,8 +102,8 @@ def _census(monkeypatch):
     read = runfmt.read_weights
     lock = threading.Lock()  # the reader thread and finalizers both count
 
-    def counted(path):
-        weights = read(path)
+    def counted(path, *args, **kwargs):
+        weights = read(path, *args, **kwargs)
         with lock:
             census["read"] += 1
             census["alive"] += 1

@@ -587,16 +587,16 @@ def check_signature(
     for (key, shape), file_key in pairs:
         if found[file_key] != shape:
             raise CheckpointMismatchError(
-                f"checkpoint {source}: variable {key!r} has shape {found[file_key]}, the model "
-                f"expects {shape}. Was it written by a different model?"
+                f"checkpoint {source}: variable {file_key!r} has shape {found[file_key]}, the "
+                f"model expects {shape}. Was it written by a different model?"
             )
         stored = getattr(weights[file_key], "dtype", None)
         if stored is not None:
-            _check_numeric(key, stored, source)
+            _check_numeric(file_key, stored, source)
             wanted = _variable_kind(dtypes[key])
             if np.dtype(stored).kind not in _ACCEPTS.get(wanted, _NUMERIC_KINDS):
                 raise CheckpointMismatchError(
-                    f"checkpoint {source}: variable {key!r} is stored as {stored}, the model "
+                    f"checkpoint {source}: variable {file_key!r} is stored as {stored}, the model "
                     f"expects {dtypes[key]}. Was it written by a different model?"
                 )
     return [file_key for _, file_key in pairs]
