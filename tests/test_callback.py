@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from trueloss_replay import Run, load_weights
-from trueloss_replay.run import CHECKPOINT_FORMAT, RUN_FORMAT, weight_keys
+from trueloss_replay.run import CHECKPOINT_FORMAT, RUN_FORMAT, WRITER_LOCK, weight_keys
 
 from .conftest import EPOCHS, build_model
 
@@ -23,7 +23,9 @@ def test_folder_layout_matches_design(trained_run):
     assert (trained_run.path / "model.keras").is_file()
     assert (trained_run.path / "data" / "train.h5").is_file()
     assert (trained_run.path / "data" / "val.h5").is_file()
-    assert not [p for p in trained_run.path.rglob(".*")], "temporary files left behind"
+    # The writer's lock file stays (unlinking it would let two writers lock different files).
+    hidden = [p for p in trained_run.path.rglob(".*") if p.name != WRITER_LOCK]
+    assert not hidden, "temporary files left behind"
 
 
 def test_manifest_fields(trained_run):

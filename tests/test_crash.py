@@ -130,3 +130,57 @@ def test_exception_in_fit_marks_the_run_failed(tmp_path, catch):
     names = [c.name for c in Run(run_dir).checkpoints()]
     assert names == [f"e{e:04d}.h5" for e in range(RAISE_AT_EPOCH + 1)]
     assert [c["name"] for c in manifest["checkpoints"]] == names
+
+
+def _files(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+def test_a_second_writer_is_refused_until_the_first_dies(tmp_path):
+    import keras
+
+    from trueloss_replay import ReplayCheckpoint
+    from trueloss_replay.errors import RunLockedError, TruelossReplayError
+
+    from .conftest import build_model, make_data
+
+    run_dir = tmp_path / "run"
+    process = _start("hold", run_dir)
+    try:
+        # The holder blocks after epoch 1: its files stop changing once e0001 is listed.
+        _wait_for(
+            process,
+            lambda: (
+                (run_dir / "manifest.json").is_file()
+                and len(read_manifest(run_dir)["checkpoints"]) == 2
+            ),
+            "the holder's second checkpoint",
+        )
+        before = _files(run_dir)
+        x, y = make_data(64)
+        model = build_model()
+        with pytest.raises(RunLockedError) as caught:
+            model.fit(
+                x, y, epochs=1, verbose=0, callbacks=[ReplayCheckpoint(run_dir, overwrite=True)]
+            )
+        assert isinstance(caught.value, TruelossReplayError)
+        message = str(caught.value)
+        assert "\n" not in message
+        assert str(run_dir) in message and "another process" in message
+        assert _files(run_dir) == before
+        assert process.poll() is None, "the first writer stopped"
+
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finally:
+        process.kill()
+        process.wait()
+        process.stderr.close()
+
+    # The OS dropped the dead writer's lock: the next writer takes the folder over.
+    keras.utils.set_random_seed(1)
+    model = build_model()
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[ReplayCheckpoint(run_dir, overwrite=True)])
+    manifest = read_manifest(run_dir)
+    assert manifest["status"] == "finished"
+    assert [c.name for c in Run(run_dir).checkpoints()] == ["e0000.h5", "e0001.h5"]

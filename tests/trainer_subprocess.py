@@ -3,6 +3,7 @@
 python tests/trainer_subprocess.py crash RUN_DIR       # trains a big model until killed
 python tests/trainer_subprocess.py raise RUN_DIR [--catch]
 python tests/trainer_subprocess.py mirrored RUN_DIR --save-final FILE.npz
+python tests/trainer_subprocess.py hold RUN_DIR        # trains one epoch, then blocks in fit
 """
 
 from __future__ import annotations
@@ -68,6 +69,21 @@ def fail(run_dir: str, catch: bool) -> None:
         print(f"caught: {e}")
 
 
+def hold(run_dir: str) -> None:
+    import time
+
+    import keras
+
+    from tests.conftest import build_model, make_data
+    from trueloss_replay import ReplayCheckpoint
+
+    x, y = make_data(64)
+    model = build_model()
+    block = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: time.sleep(3600))
+    callbacks = [ReplayCheckpoint(run_dir), block]
+    model.fit(x, y, batch_size=32, epochs=5, verbose=0, callbacks=callbacks)
+
+
 def mirrored(run_dir: str, save_final: str) -> None:
     import tensorflow as tf
 
@@ -112,13 +128,15 @@ def mirrored(run_dir: str, save_final: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["crash", "raise", "mirrored"])
+    parser.add_argument("mode", choices=["crash", "raise", "mirrored", "hold"])
     parser.add_argument("run_dir")
     parser.add_argument("--catch", action="store_true")
     parser.add_argument("--save-final")
     args = parser.parse_args()
     if args.mode == "crash":
         crash(args.run_dir)
+    elif args.mode == "hold":
+        hold(args.run_dir)
     elif args.mode == "raise":
         fail(args.run_dir, args.catch)
     else:

@@ -22,6 +22,7 @@ _EXPORTS = {
     "Run": "trueloss_replay.run",
     "RunExistsError": "trueloss_replay.errors",
     "RunFormatError": "trueloss_replay.errors",
+    "RunLockedError": "trueloss_replay.errors",
     "RunWriteError": "trueloss_replay.errors",
     "TruelossReplayError": "trueloss_replay.errors",
     "explain": "trueloss_replay.explain",

@@ -9,6 +9,11 @@ Keras calls no callback when ``fit`` raises, so a run that ends in an exception 
 ``failed`` by an ``atexit`` hook (or when the same callback starts another ``fit``). A run
 killed outright stays ``running``; its checkpoints are complete all the same.
 
+One writer per run folder: ``fit`` takes an OS file lock on ``.writer.lock`` at train begin
+and holds it until train end (or until the run is marked ``failed``). The OS drops the lock
+when the process dies, so a writer killed outright never leaves the folder stuck, which a
+lock file checked by its mere existence (or by a PID in it) would on another host.
+
 No batch hook unless ``save_freq`` is a step count. Keras turns off the asynchronous
 dispatch of batch callbacks as soon as one callback overrides a batch hook (on JAX every
 step then waits for the device, 12-18% per epoch on a GPU), so the per-epoch callback
@@ -28,12 +33,13 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import filelock
 import keras
 import numpy as np
 
 from trueloss_replay import run as runfmt
 from trueloss_replay.data import as_arrays, check_storable, save_arrays, validate_reference
-from trueloss_replay.errors import RunExistsError, RunFormatError, RunWriteError
+from trueloss_replay.errors import RunExistsError, RunFormatError, RunLockedError, RunWriteError
 
 _STOP = object()
 
@@ -73,6 +79,8 @@ class ReplayCheckpoint(keras.callbacks.Callback):
     Raises:
         RunWriteError: ``run_dir`` cannot be created or written (from ``__init__``), or a
             file written before training starts cannot be (from ``fit``).
+        RunLockedError: another process (or another ``ReplayCheckpoint``) is writing
+            ``run_dir``; raised from ``fit`` before any file of the run is changed.
         DataError: ``data``, ``train_data`` or ``val_data`` is malformed.
         RunFormatError: ``run_dir`` is a URL (``gs://``, ``s3://``); only local folders are
             supported for now.
@@ -135,6 +143,7 @@ class ReplayCheckpoint(keras.callbacks.Callback):
         _check_writable(self.run_dir)
 
         self._lock = threading.Lock()
+        self._writer_lock: filelock.BaseFileLock | None = None
         self._queue: queue.Queue | None = None
         self._writer: threading.Thread | None = None
         self._errors: list[str] = []
@@ -160,6 +169,8 @@ class ReplayCheckpoint(keras.callbacks.Callback):
             # The previous fit() raised: Keras never called on_train_end.
             self._finish("failed")
         self._active = _is_chief(self.model)
+        if self._active:
+            self._acquire_writer_lock()
         self._started = False
         self._errors = []
         self._last_within = (None, None)
@@ -210,6 +221,7 @@ class ReplayCheckpoint(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         if not self._active or not self._running:
+            self._release_writer_lock()
             return
         self._finish("finished")
         self._raise_pending()
@@ -219,6 +231,29 @@ class ReplayCheckpoint(keras.callbacks.Callback):
         return int(np.asarray(iterations)) if iterations is not None else 0
 
     # ------------------------------------------------------------------ start and finish
+
+    def _acquire_writer_lock(self) -> None:
+        if self._writer_lock is not None and self._writer_lock.is_locked:
+            return
+        path = self.run_dir / runfmt.WRITER_LOCK
+        lock = filelock.FileLock(path)
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout as e:
+            raise RunLockedError(
+                f"run folder {self.run_dir} is being written by another process (or another "
+                f"ReplayCheckpoint in this one): {path} is locked. Wait for that training to "
+                "end, or choose another run folder.",
+                run_dir=self.run_dir,
+            ) from e
+        except OSError as e:
+            raise _early_write_error(path, e) from e
+        self._writer_lock = lock
+
+    def _release_writer_lock(self) -> None:
+        if self._writer_lock is not None:
+            self._writer_lock.release(force=True)
+            self._writer_lock = None
 
     def _start_late(self) -> None:
         if self.save_initial and self._epoch == 0:
@@ -233,6 +268,14 @@ class ReplayCheckpoint(keras.callbacks.Callback):
         self._epoch_start_step = self._step
 
     def _start(self, initial_epoch: int, save_initial: bool = True) -> None:
+        try:
+            self._open_run(initial_epoch, save_initial)
+        except BaseException:
+            # fit() stops here and Keras calls no on_train_end: free the folder now.
+            self._release_writer_lock()
+            raise
+
+    def _open_run(self, initial_epoch: int, save_initial: bool) -> None:
         signature = runfmt.model_signature(self.model)
         manifest_path = self.run_dir / runfmt.MANIFEST
         existing = None
@@ -380,6 +423,8 @@ class ReplayCheckpoint(keras.callbacks.Callback):
             self._write_manifest()
         except RunWriteError as e:
             self._report(str(e))
+        finally:
+            self._release_writer_lock()
 
     # ------------------------------------------------------------------ snapshot and write
 

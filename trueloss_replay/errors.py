@@ -21,6 +21,18 @@ class RunExistsError(TruelossReplayError, FileExistsError):
     """The run folder already holds a different run."""
 
 
+class RunLockedError(TruelossReplayError, RuntimeError):
+    """Another writer (a process, or another ``ReplayCheckpoint``) is writing the run folder.
+
+    Attributes:
+        run_dir: the run folder.
+    """
+
+    def __init__(self, message: str, run_dir=None):
+        super().__init__(message)
+        self.run_dir = run_dir
+
+
 class RunWriteError(TruelossReplayError, OSError):
     """A file of the run folder could not be written."""
 

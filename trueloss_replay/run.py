@@ -41,6 +41,8 @@ CHECKPOINT_DIR = "checkpoints"
 DATA_DIR = "data"
 REPLAY_DIR = "replay"
 RESULTS_DIR = "replay/results"
+# Held by the one writer of a run folder; readers never look at it.
+WRITER_LOCK = ".writer.lock"
 
 _CHECKPOINT_RE = re.compile(r"^e(\d{4,})(?:-s(\d{6,}))?\.h5$")
 
