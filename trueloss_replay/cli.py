@@ -7,8 +7,13 @@ Library errors (``TruelossReplayError``) become one-line ``click.ClickException`
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import importlib.abc
+import importlib.util
 import math
+import os
+import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,6 +21,10 @@ from typing import TYPE_CHECKING
 import click
 
 from trueloss_replay.errors import TruelossReplayError
+
+# TensorFlow's C++ start-up lines (no CUDA driver, CPU instructions, XLA) are noise on a
+# command line's stderr. Set before anything imports TensorFlow; a value the user set wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 if TYPE_CHECKING:
     from trueloss_replay.run import EpochSet
@@ -70,6 +79,56 @@ def main(debug: bool) -> None:
     Example:
         trueloss-replay history runs/exp1
     """
+    if not debug:
+        _quiet_tensorflow_import()
+
+
+def _quiet_tensorflow_import() -> None:
+    """Keep TensorFlow's import-time C++ log lines off stderr.
+
+    ``TF_CPP_MIN_LOG_LEVEL`` is not enough: the absl lines (``cudart_stub.cc``, "All log
+    messages before absl::InitializeLog()") are written while TensorFlow's shared libraries
+    load, before any log level is read (``ABSL_MIN_LOG_LEVEL`` and ``GLOG_minloglevel`` do
+    not stop them either). So the first ``import tensorflow`` runs with file descriptor 2 on
+    ``/dev/null``; Python exceptions still propagate. Only when the level is 3 (our default,
+    or the user's), and lazily: commands that never import TensorFlow stay fast.
+    """
+    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL") != "3":
+        return
+    if not any(isinstance(f, _QuietTensorFlowFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietTensorFlowFinder())
+
+
+class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "tensorflow":
+            return None
+        sys.meta_path.remove(self)  # once: the real finders locate the package
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def quiet_exec_module(module):
+            with _stderr_fd_to_devnull():
+                exec_module(module)
+
+        spec.loader.exec_module = quiet_exec_module
+        return spec
+
+
+@contextlib.contextmanager
+def _stderr_fd_to_devnull():
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 _output_option = click.option(
