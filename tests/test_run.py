@@ -155,6 +155,33 @@ def test_checkpoint_with_a_text_version_is_refused(checkpoint):
         read_checkpoint(checkpoint)
 
 
+@pytest.mark.parametrize("key", ["epoch", "step"])
+@pytest.mark.parametrize(
+    "value", [2.0**63, float("inf"), -1, 1.5], ids=["2^63", "inf", "-1", "1.5"]
+)
+def test_checkpoint_with_an_out_of_range_count_is_refused(checkpoint, key, value):
+    # 2^63 read as a step overflowed the History's int64 column with a traceback.
+    with h5py.File(checkpoint, "r+") as f:
+        f.attrs[key] = value
+
+    with pytest.raises(RunFormatError, match=rf"its '{key}' attribute is .*not a whole number"):
+        read_checkpoint(checkpoint)
+
+
+def test_a_gzip_variable_whose_chunks_were_never_written_is_refused(tmp_path):
+    # Compressed, a declared 4 GiB costs the file nothing; reading it allocated all of it.
+    path = tmp_path / "e0001.h5"
+    write_checkpoint(path, [("w", np.zeros(1, "float32"))], epoch=1, step=1, time=0.0)
+    with h5py.File(path, "r+") as f:
+        del f["weights/w"]
+        f["weights"].create_dataset(
+            "w", shape=(2**15, 2**15), dtype="float32", compression="gzip", chunks=(1024, 1024)
+        )
+
+    with pytest.raises(RunFormatError, match=r"stores 0 of them; the file is damaged"):
+        read_weights(path)
+
+
 def test_nan_logs_are_stored_as_strict_json(tmp_path):
     path = tmp_path / "e0001.h5"
     logs = {"loss": float("nan"), "val_loss": float("inf")}

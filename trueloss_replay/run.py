@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import json
+import math
 import os
 import re
 import secrets
@@ -378,18 +379,35 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             return Checkpoint(
                 name=path.name,
                 path=path,
-                epoch=int(attrs.get("epoch", epoch)),
-                step=int(attrs["step"]),
+                epoch=_count_attribute(attrs.get("epoch", epoch), "epoch", path),
+                step=_count_attribute(attrs["step"], "step", path),
                 time=float(attrs["time"]),
                 logs=logs,
             )
     except RunFormatError:
         raise
-    except (OSError, KeyError, ValueError, TypeError) as e:
+    except (OSError, KeyError, ValueError, TypeError, OverflowError) as e:
         raise RunFormatError(
             f"checkpoint {path} cannot be read ({e}). It is damaged; delete it or replay "
             "the others with --epochs."
         ) from e
+
+
+#: the largest epoch or step a checkpoint may record: it must fit an int64 column.
+_MAX_COUNT = 2**62
+
+
+def _count_attribute(value: Any, key: str, path: Path) -> int:
+    try:
+        count = int(value)
+    except (TypeError, ValueError, OverflowError):
+        count = None
+    if count is None or count != value or not 0 <= count <= _MAX_COUNT:
+        raise RunFormatError(
+            f"checkpoint {path}: its {key!r} attribute is {value!r}, not a whole number from "
+            f"0 to {_MAX_COUNT}; it is damaged. Delete it or replay the others with --epochs."
+        )
+    return count
 
 
 def read_weights(
@@ -491,6 +509,15 @@ def _check_stored(key: str, dataset: h5py.Dataset, source: str) -> None:
     # Without compression a dataset stores every byte it declares; one created with a shape
     # and never written stores none, and reading it would allocate the whole shape.
     if dataset.id.get_create_plist().get_nfilters() > 0:
+        # Compressed: the bytes say nothing, but a chunk never written is not stored at all.
+        spanned = math.prod(-(-n // c) for n, c in zip(dataset.shape, dataset.chunks, strict=True))
+        stored = dataset.id.get_num_chunks()
+        if stored < spanned:
+            raise RunFormatError(
+                f"checkpoint {source}: variable {key!r} declares shape {dataset.shape} "
+                f"({spanned:,} compressed chunks) but the file stores {stored:,} of them; "
+                "the file is damaged. Delete it or replay the others with --epochs."
+            )
         return
     stored, declared = dataset.id.get_storage_size(), dataset.size * dataset.dtype.itemsize
     if stored < declared:

@@ -1,0 +1,230 @@
+"""Property-based fuzzing of the readers: a run folder is untrusted input.
+
+Random mutations of a real run folder (the shared trained run with its replay results): the
+manifest and a result file (a field replaced by another JSON value or removed, the bytes
+truncated) and a checkpoint (HDF5 attributes, a variable's shape or dtype, a variable
+removed, the bytes truncated). Each mutated folder goes through the readers and through
+``history`` and ``inspect --verify`` in-process. Every outcome must be success or a
+``TruelossReplayError``; anything else is a bug. ``replay`` (model evaluation) is left out:
+too slow for a fuzz loop, and it reads through the same readers.
+
+MAX_EXAMPLES = 450 examples: the file takes about 60 s on a 2-core CPU. Declared shapes of
+hundreds of GiB are exercised on their own below, with a bound on the memory the readers
+allocate.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from trueloss_replay.cli import main
+from trueloss_replay.errors import TruelossReplayError
+from trueloss_replay.history import load_history, read_result
+from trueloss_replay.run import Run, list_checkpoints, read_manifest, read_weights
+
+MAX_EXAMPLES = 450
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=8,
+)
+
+
+def _paths(value, prefix=()):
+    """Every key path into a JSON document, the root included."""
+    yield prefix
+    if isinstance(value, dict):
+        for key, child in value.items():
+            yield from _paths(child, (*prefix, key))
+    elif isinstance(value, list):
+        for index, child in enumerate(value):
+            yield from _paths(child, (*prefix, index))
+
+
+def _replace(document, path, new, delete):
+    if not path:
+        return new
+    parent = document
+    for key in path[:-1]:
+        parent = parent[key]
+    if delete:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = new
+    return document
+
+
+def _mutate_json(data, path: Path) -> None:
+    text = path.read_text(encoding="utf-8")
+    if data.draw(st.booleans(), label="truncate"):
+        cut = data.draw(st.integers(0, len(text)), label="cut")
+        path.write_text(text[:cut], encoding="utf-8")
+        return
+    document = json.loads(text)
+    where = data.draw(st.sampled_from(list(_paths(document))), label="path")
+    delete = bool(where) and data.draw(st.booleans(), label="delete")
+    new = None if delete else data.draw(json_values, label="value")
+    document = _replace(document, where, new, delete)
+    path.write_text(json.dumps(document), encoding="utf-8")  # NaN tokens included
+
+
+_DTYPES = ["float16", "float64", "int8", "uint32", "bool", "complex64", "S4", "O"]
+
+
+def _mutate_checkpoint(data, path: Path) -> None:
+    kind = data.draw(
+        st.sampled_from(["truncate", "attribute", "shape", "dtype", "delete"]), label="kind"
+    )
+    if kind == "truncate":
+        raw = path.read_bytes()
+        path.write_bytes(raw[: data.draw(st.integers(0, len(raw) - 1), label="cut")])
+        return
+    with h5py.File(path, "r+") as f:
+        names = []
+        f["weights"].visititems(
+            lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None
+        )
+        name = data.draw(st.sampled_from(names), label="variable")
+        dataset = f["weights"][name]
+        if kind == "attribute":
+            target = data.draw(st.sampled_from([f, dataset]), label="target")
+            keys = sorted(target.attrs) + ["index", "epoch", "step", "format", "version"]
+            key = data.draw(st.sampled_from(keys), label="attribute")
+            value = data.draw(
+                st.none()
+                | st.integers(-(2**63), 2**63 - 1)
+                | st.floats()
+                | st.text(st.characters(exclude_characters="\x00"), max_size=10)  # HDF5: no NUL
+                | st.lists(st.integers(-5, 5), max_size=3),
+                label="attribute value",
+            )
+            if value is None:
+                target.attrs.pop(key, None)
+            else:
+                target.attrs[key] = np.asarray(value) if isinstance(value, list) else value
+            return
+        attrs = dict(dataset.attrs)
+        shape, dtype = dataset.shape, dataset.dtype
+        del f["weights"][name]
+        if kind == "delete":
+            return
+        if kind == "shape":
+            shape = tuple(data.draw(st.lists(st.integers(0, 2**20), max_size=3), label="shape"))
+        else:
+            dtype = data.draw(st.sampled_from(_DTYPES), label="dtype")
+        dtype = h5py.string_dtype() if dtype == "O" else np.dtype(dtype)
+        # Declared, never written: a huge shape costs no bytes in the file.
+        created = f["weights"].create_dataset(name, shape=shape, dtype=dtype)
+        created.attrs.update(attrs)
+
+
+def _allowed(call) -> None:
+    try:
+        call()
+    except TruelossReplayError:
+        pass
+
+
+def _check_cli(*args: str) -> None:
+    result = CliRunner().invoke(main, list(args))
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
+        result.exception
+    )
+    assert result.exit_code in (0, 1), result.output
+    assert "Traceback" not in result.output, result.output
+    if result.exit_code == 1:
+        errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1, result.output
+
+
+def _read_everything(folder: Path) -> None:
+    _allowed(lambda: read_manifest(folder))
+    try:
+        checkpoints = Run(folder).checkpoints()
+    except TruelossReplayError:  # the manifest is damaged; the checkpoints may not be
+        checkpoints = list_checkpoints(folder / "checkpoints")
+    for checkpoint in checkpoints:
+        _allowed(lambda c=checkpoint: read_weights(c.path))
+    for result in sorted((folder / "replay" / "results").glob("*.json")):
+        _allowed(lambda r=result: read_result(r))
+    _allowed(lambda: load_history(folder))
+    _check_cli("history", str(folder))
+    _check_cli("inspect", str(folder), "--verify")
+
+
+@settings(
+    max_examples=MAX_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(data=st.data())
+def test_damaged_run_folders_fail_only_with_library_errors(replayed_run, data):
+    target = data.draw(st.sampled_from(["manifest", "result", "checkpoint"]), label="target")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "run"
+        shutil.copytree(replayed_run, folder)
+        if target == "manifest":
+            _mutate_json(data, folder / "manifest.json")
+        elif target == "result":
+            results = sorted((folder / "replay" / "results").glob("*.json"))
+            _mutate_json(data, data.draw(st.sampled_from(results), label="result"))
+        else:
+            checkpoints = sorted((folder / "checkpoints").glob("*.h5"))
+            _mutate_checkpoint(data, data.draw(st.sampled_from(checkpoints), label="file"))
+        _read_everything(folder)
+
+
+# 4 GiB fits this machine's memory, so reading it would not fail fast; 64 GiB does not.
+HUGE = [(2**15, 2**15), (2**17, 2**17)]
+
+
+@pytest.mark.parametrize("shape", HUGE, ids=["4GiB", "64GiB"])
+@pytest.mark.parametrize("compressed", [False, True], ids=["contiguous", "gzip"])
+@pytest.mark.parametrize("recorded", [True, False], ids=["with-signature", "no-signature"])
+def test_a_huge_declared_shape_is_refused_without_allocating(run_copy, shape, compressed, recorded):
+    path = run_copy / "checkpoints" / "e0001.h5"
+    with h5py.File(path, "r+") as f:
+        names = []
+        f["weights"].visititems(
+            lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None
+        )
+        attrs = dict(f["weights"][names[0]].attrs)
+        del f["weights"][names[0]]
+        options = {"compression": "gzip", "chunks": (1024, 1024)} if compressed else {}
+        f["weights"].create_dataset(names[0], shape=shape, dtype="float32", **options)
+        f["weights"][names[0]].attrs.update(attrs)
+    if not recorded:
+        manifest = json.loads((run_copy / "manifest.json").read_text())
+        manifest.pop("variables")
+        (run_copy / "manifest.json").write_text(json.dumps(manifest))
+
+    tracemalloc.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(TruelossReplayError):
+            read_weights(path)
+        _check_cli("inspect", str(run_copy), "--verify")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.monotonic() - start < 30
+    assert peak < 256 * 2**20, f"the readers allocated {peak:,} bytes"
