@@ -72,8 +72,15 @@ def to_device_many(values: Sequence[Any], device: str | None) -> list[Any]:
     import jax
     import numpy as np
 
-    arrays = [v if isinstance(v, jax.Array) else np.asarray(v) for v in values]
-    return list(jax.device_put(arrays, _devices()[device] if device else None))
+    target = _devices()[device] if device else jax.devices()[0]
+    # On a CPU device, device_put may alias the numpy buffer: copy, so that the caller's
+    # arrays (a checkpoint just read) are not kept alive by what is staged.
+    host = target.platform == "cpu"
+    arrays = [
+        v if isinstance(v, jax.Array) else np.array(v, copy=True) if host else np.asarray(v)
+        for v in values
+    ]
+    return list(jax.device_put(arrays, target))
 
 
 def to_host(tree: Any) -> Any:
