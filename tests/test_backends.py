@@ -279,3 +279,29 @@ def test_run_replays_on_the_other_backend_with_the_same_figures(trained_run, tmp
     assert here.history["loss"] == pytest.approx(
         [there[f"e{e:04d}.h5"]["train"]["loss"] for e in (1, 2, 3)], rel=RTOL
     )
+
+
+# --------------------------------------------------------------------------- callback
+
+
+def test_a_per_epoch_callback_keeps_keras_async_dispatch(tmp_path):
+    """Overriding a batch hook makes Keras wait for the device at every step (JAX): the
+    per-epoch callback defines none; one that saves every N steps must."""
+    from keras.src import backend as keras_backend
+    from keras.src.utils.python_utils import is_default
+
+    from trueloss_replay import ReplayCheckpoint
+
+    from .conftest import build_model
+
+    per_epoch = ReplayCheckpoint(tmp_path / "epoch")
+    per_steps = ReplayCheckpoint(tmp_path / "steps", save_freq=5)
+    assert is_default(per_epoch.on_train_batch_end) and is_default(per_epoch.on_batch_end)
+    assert not is_default(per_steps.on_train_batch_end)
+
+    model = build_model()
+    epoch_list = keras.callbacks.CallbackList([per_epoch], model=model)
+    steps_list = keras.callbacks.CallbackList([per_steps], model=model)
+    assert not steps_list._async_train
+    # Keras dispatches batch callbacks asynchronously only on thread-safe backends (JAX).
+    assert epoch_list._async_train == keras_backend.IS_THREAD_SAFE
