@@ -381,8 +381,8 @@ def explain(
         data: a ``module:function`` data factory, as for ``replay``.
         train: training data, as for ``replay``.
         val: validation data, as for ``replay``.
-        device: the TensorFlow device for the replay and the pass (default: the first GPU,
-            else the CPU).
+        device: a device of the current backend (``resolve_devices``) for the replay and the
+            pass (default: the first GPU, else the CPU).
         unsafe_deserialization: load ``model.keras`` with ``safe_mode=False``.
         model: a model builder when the run has no saved architecture.
         imports: modules to import first (custom layers, losses, metrics).
