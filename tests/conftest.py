@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,3 +150,23 @@ def replayed_run(run_copy, replay_results) -> Path:
     for name, result in replay_results.items():
         (folder / (Path(name).stem + ".json")).write_text(json.dumps(result), encoding="utf-8")
     return run_copy
+
+
+def replay_in_subprocess(run_dir, output, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``trueloss-replay replay RUN_DIR --output OUTPUT`` as a real process, in ``env``."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from trueloss_replay.cli import main; main()",
+            "replay",
+            str(run_dir),
+            "--no-progress",
+            "--output",
+            str(output),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

@@ -19,6 +19,8 @@ from trueloss_replay.errors import BackendError
 from trueloss_replay.run import Run, read_weights
 from trueloss_replay.scheduler import replay
 
+from .conftest import replay_in_subprocess
+
 pytestmark = pytest.mark.backend
 
 RTOL = 1e-5
@@ -43,22 +45,7 @@ def test_unsupported_backend_is_refused_naming_the_supported_ones(name):
 
 def test_cli_replay_on_an_unsupported_backend_exits_1_with_one_line(trained_run, tmp_path):
     # Keras' numpy backend installs with Keras itself, so it stands in for PyTorch here.
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from trueloss_replay.cli import main; main()",
-            "replay",
-            str(trained_run.path),
-            "--no-progress",
-            "--output",
-            str(tmp_path / "results"),
-        ],
-        capture_output=True,
-        text=True,
-        env=_env("numpy"),
-        timeout=300,
-    )
+    result = replay_in_subprocess(trained_run.path, tmp_path / "results", _env("numpy"))
     assert result.returncode == 1, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "Keras is on 'numpy'" in errors[0], result.stderr

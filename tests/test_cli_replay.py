@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -12,6 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from trueloss_replay.cli import main
+
+from .conftest import replay_in_subprocess
 
 
 def _invoke(*args):
@@ -192,22 +193,7 @@ def test_val_alone_keeps_the_recorded_training_data(run_copy, trained_run, tmp_p
 
 def test_replay_keeps_tensorflow_start_up_lines_off_stderr(trained_run, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from trueloss_replay.cli import main; main()",
-            "replay",
-            str(trained_run.path),
-            "--no-progress",
-            "--output",
-            str(tmp_path / "results"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = replay_in_subprocess(trained_run.path, tmp_path / "results", env)
     assert result.returncode == 0, result.stderr[-3000:]
     noise = ("cudart_stub", "cpu_feature_guard", "absl::InitializeLog")
     assert not [line for line in result.stderr.splitlines() if any(n in line for n in noise)]
