@@ -109,14 +109,17 @@ def epoch_parser(pattern: str | None = None) -> Callable[[str], int | None]:
 
     def by_pattern(name: str) -> int | None:
         match = regex.fullmatch(name)
-        return None if match is None else int(match.group("epoch"))
+        if match is None:
+            return None
+        found = {int(value) for value in match.groupdict().values()}
+        return found.pop() if len(found) == 1 else None
 
     return by_pattern
 
 
 def _pattern_regex(pattern: str) -> re.Pattern[str]:
     name = pattern.replace("\\", "/").rsplit("/", 1)[-1]
-    parts, seen_epoch = [], False
+    parts, epochs = [], 0
     try:
         fields = list(string.Formatter().parse(name))
     except ValueError as e:
@@ -129,11 +132,13 @@ def _pattern_regex(pattern: str) -> re.Pattern[str]:
         if field is None:
             continue
         if field == "epoch":
-            parts.append(r"(?P=epoch)" if seen_epoch else r"(?P<epoch>\d+)")
-            seen_epoch = True
+            # Each occurrence may have its own format spec ({epoch}-{epoch:03d}): compared
+            # as numbers after the match.
+            parts.append(rf"(?P<epoch{epochs}>\d+)")
+            epochs += 1
         else:
             parts.append(r".+?")
-    if not seen_epoch:
+    if not epochs:
         raise AdoptError(
             f"pattern {pattern!r} has no {{epoch}} field, so it cannot say which epoch a file "
             "holds; write it as given to ModelCheckpoint, e.g. 'ckpt-{epoch:03d}.weights.h5'."
@@ -341,17 +346,22 @@ def _check_layout(
     model, expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], path
 ) -> None:
     counts = f"(the model has {len(expected)} variables, the file {len(found)})"
-    for entry, shape in expected.items():
+    names = _entry_names(model)
+
+    def describe(entry: str) -> str:
+        return f"{names[entry][1]!r} ({entry})" if entry in names else repr(entry)
+
+    # In the model's order, so that the first layer at fault is named.
+    for entry in sorted(expected, key=lambda e: names.get(e, (len(names), ""))[0]):
         if entry not in found:
             raise CheckpointMismatchError(
-                f"checkpoint {path} has no variable {_describe(model, entry)} {counts}. Was it "
-                "written by a different model?"
+                f"checkpoint {path} has no variable {describe(entry)} {counts}. Was it written "
+                "by a different model?"
             )
-        if found[entry] != shape:
+        if found[entry] != expected[entry]:
             raise CheckpointMismatchError(
-                f"checkpoint {path}: variable {_describe(model, entry)} has shape "
-                f"{found[entry]}, the model expects {shape}. Was it written by a different "
-                "model?"
+                f"checkpoint {path}: variable {describe(entry)} has shape {found[entry]}, the "
+                f"model expects {expected[entry]}. Was it written by a different model?"
             )
     for entry in found:
         if entry not in expected:
@@ -361,28 +371,29 @@ def _check_layout(
             )
 
 
-_LAYER_ENTRY = re.compile(r"^layers/([^/]+)/vars/(\d+)$")
-
-
-def _describe(model, entry: str) -> str:
-    """Keras' weights-file entry, with the model's variable path when it can be told."""
-    match = _LAYER_ENTRY.match(entry)
-    if match is None:
-        return repr(entry)
-    # Keras names a list's layers by class in snake case, made unique with _1, _2 ...
-    from keras.src.utils.naming import to_snake_case
-
+def _entry_names(model) -> dict[str, tuple[int, str]]:
+    """``{"layers/dense_1/vars/0": (position, "sequential/dense_1/kernel")}``, for the
+    variables of the model's own layers: Keras' weights file names a layer of a list by its
+    class in snake case, made unique with _1, _2 ..., and its variables by position."""
+    names: dict[str, tuple[int, str]] = {}
     used: dict[str, int] = {}
     for layer in getattr(model, "layers", []):
-        base = to_snake_case(type(layer).__name__)
-        name = base if base not in used else f"{base}_{used[base] + 1}"
+        base = _snake_case(type(layer).__name__)
         used[base] = used.get(base, -1) + 1
-        if name == match.group(1) and not getattr(layer, "_layers", None):
-            own = list(layer.trainable_weights) + list(layer.non_trainable_weights)
-            index = int(match.group(2))
-            if index < len(own):
-                return f"{own[index].path!r} ({entry})"
-    return repr(entry)
+        name = base if used[base] == 0 else f"{base}_{used[base]}"
+        if getattr(layer, "_layers", None):
+            continue  # a layer of layers: its own variables are not all of its weights
+        own = list(layer.trainable_weights) + list(layer.non_trainable_weights)
+        for index, variable in enumerate(own):
+            names[f"layers/{name}/vars/{index}"] = (len(names), variable.path)
+    return names
+
+
+def _snake_case(name: str) -> str:
+    # As keras.src.utils.naming.to_snake_case names saved layers.
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
 
 
 def _reference_layout(model, folder: Path) -> dict[str, tuple[int, ...]]:
