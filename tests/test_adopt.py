@@ -26,6 +26,7 @@ from trueloss_replay.errors import (
     CheckpointMismatchError,
     ModelLoadError,
     RunExistsError,
+    RunFormatError,
 )
 from trueloss_replay.run import Run, read_weights
 
@@ -316,6 +317,16 @@ def _bad_sources(keras_run, tmp_path, case: str) -> tuple[Path, dict, type, str]
             "which the model lacks"
         )
         return src, model_file, CheckpointMismatchError, text
+    if case == "damaged file":
+        src = _copy(keras_run, tmp_path)
+        (src / "ckpt-002.weights.h5").write_bytes(b"not HDF5")
+        text = f"checkpoint {src / 'ckpt-002.weights.h5'} cannot be read as a Keras weights file"
+        return src, model_file, RunFormatError, text
+    if case == "damaged model file":
+        src = _copy(keras_run, tmp_path)
+        (tmp_path / "model.keras").write_bytes(b"not a zip")
+        text = f"{tmp_path / 'model.keras'} is not a valid .keras archive"
+        return src, {"model_file": tmp_path / "model.keras"}, ModelLoadError, text
     if case == "empty":
         src = tmp_path / "src"
         src.mkdir()
@@ -325,7 +336,10 @@ def _bad_sources(keras_run, tmp_path, case: str) -> tuple[Path, dict, type, str]
         src = _copy(keras_run, tmp_path)
         log = tmp_path / "short.log"
         log.write_text("".join(keras_run.log.read_text().splitlines(True)[:3]))
-        text = f"log {log} has no row for epoch 3 (checkpoint ckpt-003.weights.h5)"
+        text = (
+            f"log {log} has no row for epoch 3 (checkpoint ckpt-003.weights.h5; CSVLogger "
+            "counts it as epoch 2)"
+        )
         return src, {**model_file, "log": log}, AdoptError, text
     if case == "log twice":
         src = _copy(keras_run, tmp_path)
@@ -345,6 +359,8 @@ BAD_CASES = [
     "two files for one epoch",
     "other shape",
     "extra layer",
+    "damaged file",
+    "damaged model file",
     "empty",
     "log too short",
     "log twice",
@@ -448,4 +464,10 @@ def test_usage_errors_exit_2(keras_run, tmp_path, monkeypatch, args, text):
 def test_pattern_without_epoch_is_refused_by_the_api(keras_run, tmp_path):
     with pytest.raises(AdoptError, match=r"has no \{epoch\} field"):
         adopt(keras_run.models, tmp_path / "run", pattern="model-{val_loss}.keras")
+    assert nothing_left(tmp_path / "run")
+
+
+def test_a_builder_and_a_model_file_together_are_refused_by_the_api(keras_run, tmp_path):
+    with pytest.raises(AdoptError, match=r"pass model \(a builder\) or model_file"):
+        adopt(keras_run.models, tmp_path / "run", model=build_model, model_file="x.keras")
     assert nothing_left(tmp_path / "run")

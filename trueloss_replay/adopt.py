@@ -474,6 +474,7 @@ def _architecture(
             "with model.save) or model= (--model MODULE:FUNCTION, a builder)."
         )
     source = Path(archives[0])
+    loaded = load_model_file(source, None, unsafe)  # a damaged archive is named first
     config = _archive_compile_config(source)
     if not config or not config.get("loss"):
         raise ModelLoadError(
@@ -481,7 +482,7 @@ def _architecture(
             "replay; pass model= (--model MODULE:FUNCTION) returning the model compiled as "
             "for training."
         )
-    return load_model_file(source, None, unsafe), config
+    return loaded, config
 
 
 # --------------------------------------------------------------------------- adopt
@@ -536,8 +537,8 @@ def adopt(
 
     Raises:
         AdoptError: no checkpoint in ``src``, a name without an epoch, two files of one
-            epoch, missing epochs (without ``allow_gaps``), or a ``log`` whose epochs do not
-            match the checkpoints'.
+            epoch, missing epochs (without ``allow_gaps``), a ``log`` whose epochs do not
+            match the checkpoints', or both ``model`` and ``model_file``.
         CheckpointMismatchError: a checkpoint of another architecture (names the file and
             the variable).
         ModelLoadError: no architecture, or a model compiled without a loss.
@@ -545,7 +546,6 @@ def adopt(
         RunFormatError: a damaged checkpoint or an unreadable ``log``.
         DataError: ``data``, ``train`` or ``val`` is malformed.
         RunWriteError: ``run_dir`` cannot be written.
-        ValueError: both ``model`` and ``model_file`` were given.
 
     Example:
         >>> run = adopt("ckpts", "runs/exp1", pattern="ckpt-{epoch:03d}.weights.h5",
@@ -557,7 +557,7 @@ def adopt(
     from trueloss_replay.engine import import_modules
 
     if model is not None and model_file is not None:
-        raise ValueError("pass model (a builder) or model_file (a .keras file), not both.")
+        raise AdoptError("pass model (a builder) or model_file (a .keras file), not both.")
     get_backend()  # an unsupported Keras backend is refused before any work
     run_dir = runfmt.local_path(run_dir)
     _check_target(run_dir)
@@ -615,8 +615,9 @@ def _check_epochs(
             c = unlogged[0]
             last = max(logs, default=0)
             raise AdoptError(
-                f"log {log} has no row for epoch {c.epoch} (checkpoint {c.path.name}); it "
-                f"logs epochs 1-{last}. Pass the log of the fit that wrote the checkpoints."
+                f"log {log} has no row for epoch {c.epoch} (checkpoint {c.path.name}; "
+                f"CSVLogger counts it as epoch {c.epoch - 1}); it logs {len(logs)} epoch(s) up "
+                f"to {last}. Pass the log of the fit that wrote the checkpoints."
             )
     last = max([*by_epoch, *(logs or {})])
     missing = [e for e in range(1, last + 1) if e not in by_epoch]
