@@ -410,6 +410,16 @@ def test_gaps_are_accepted_with_allow_gaps(keras_run, tmp_path):
     assert [c.name for c in Run(tmp_path / "run").checkpoints()] == ["e0001.h5", "e0003.h5"]
 
 
+def test_a_model_file_inside_the_source_folder_is_no_checkpoint(keras_run, tmp_path):
+    src = _copy(keras_run, tmp_path)
+    shutil.copy(keras_run.model_file(), src / "model.keras")
+
+    run = adopt(src, tmp_path / "run", model_file=src / "model.keras")
+
+    assert [c.name for c in run.checkpoints()] == ["e0001.h5", "e0002.h5", "e0003.h5"]
+    assert run.manifest["adopted"]["files"]["e0001.h5"] == "ckpt-001.weights.h5"
+
+
 def test_a_log_longer_than_the_checkpoints_is_a_gap(keras_run, tmp_path):
     src = _copy(keras_run, tmp_path, epochs=(1, 2))
 

@@ -153,7 +153,9 @@ def _strip_suffix(name: str) -> str:
     return name
 
 
-def find_checkpoints(src: str | os.PathLike, pattern: str | None = None) -> list[SourceCheckpoint]:
+def find_checkpoints(
+    src: str | os.PathLike, pattern: str | None = None, exclude: Iterable[str | os.PathLike] = ()
+) -> list[SourceCheckpoint]:
     """The Keras checkpoint files of a folder, by epoch.
 
     Every ``*.weights.h5`` and ``*.keras`` file of ``src`` (not its subfolders; hidden
@@ -162,6 +164,7 @@ def find_checkpoints(src: str | os.PathLike, pattern: str | None = None) -> list
     Args:
         src: the folder ``ModelCheckpoint`` wrote.
         pattern: how names carry the epoch (see ``epoch_parser``).
+        exclude: files of ``src`` that are no checkpoint (the architecture's ``.keras``).
 
     Returns:
         The checkpoints in epoch order.
@@ -181,10 +184,13 @@ def find_checkpoints(src: str | os.PathLike, pattern: str | None = None) -> list
             "Keras' ModelCheckpoint wrote."
         )
     parse = epoch_parser(pattern)
+    excluded = {Path(p).resolve() for p in exclude}
     by_epoch: dict[int, SourceCheckpoint] = {}
     others = []
     for entry in sorted(os.scandir(src), key=lambda e: e.name):
         if entry.name.startswith(".") or not entry.is_file():
+            continue
+        if Path(entry.path).resolve() in excluded:
             continue
         if not entry.name.endswith(CHECKPOINT_SUFFIXES):
             others.append(entry.name)
@@ -519,8 +525,9 @@ def adopt(
             ``"ckpt-{epoch:03d}.weights.h5"``; default: the first integer of each name.
         model: a builder (callable or ``"module:function"``) of the trained model, compiled
             as for training.
-        model_file: a ``.keras`` file with the architecture and compile config; default the
-            newest ``.keras`` checkpoint in ``src``.
+        model_file: a ``.keras`` file with the architecture and compile config (it may lie
+            in ``src``: it is not taken for a checkpoint); default the newest ``.keras``
+            checkpoint in ``src``.
         data: a ``"module:function"`` data factory, recorded for replay.
         train: training data: ``(x, y[, sample_weight])`` arrays or an ``.npz``/``.h5``
             path, snapshotted to ``data/train.h5``.
@@ -561,7 +568,9 @@ def adopt(
     get_backend()  # an unsupported Keras backend is refused before any work
     run_dir = runfmt.local_path(run_dir)
     _check_target(run_dir)
-    checkpoints = find_checkpoints(src, pattern)
+    if model_file is not None:
+        model_file = runfmt.local_path(model_file, "model file")
+    checkpoints = find_checkpoints(src, pattern, exclude=[model_file] if model_file else [])
     logs = read_log(log) if log is not None else None
     _check_epochs(checkpoints, logs, Path(log) if log is not None else None, allow_gaps)
     splits = _splits(data, train, val)
@@ -569,7 +578,7 @@ def adopt(
     keras_model, compile_config = _architecture(
         checkpoints,
         model,
-        runfmt.local_path(model_file, "model file") if model_file is not None else None,
+        model_file,
         unsafe_deserialization,
     )
 
