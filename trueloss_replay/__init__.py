@@ -14,6 +14,7 @@ except importlib.metadata.PackageNotFoundError:  # a source tree that was never 
     __version__ = "0+unknown"
 
 _EXPORTS = {
+    "AdoptError": "trueloss_replay.errors",
     "CheckpointMismatchError": "trueloss_replay.errors",
     "DataError": "trueloss_replay.errors",
     "ModelLoadError": "trueloss_replay.errors",
@@ -25,6 +26,7 @@ _EXPORTS = {
     "RunLockedError": "trueloss_replay.errors",
     "RunWriteError": "trueloss_replay.errors",
     "TruelossReplayError": "trueloss_replay.errors",
+    "adopt": "trueloss_replay.adopt",
     "explain": "trueloss_replay.explain",
     "load_frame": "trueloss_replay.history",
     "load_history": "trueloss_replay.history",

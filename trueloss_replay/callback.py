@@ -23,7 +23,6 @@ defines none: the global step comes from the optimizer's iteration count at epoc
 from __future__ import annotations
 
 import atexit
-import importlib.metadata
 import os
 import queue
 import threading
@@ -307,26 +306,16 @@ class ReplayCheckpoint(keras.callbacks.Callback):
         # fit() has not yet had a chance to let anything change them.
         for split, arrays in self.splits.items():
             data_files[split] = self._write_data(split, arrays)
-        self._manifest = {
-            "format": runfmt.RUN_FORMAT,
-            "version": runfmt.FORMAT_VERSION,
-            "created": existing.get("created") if existing else time.time(),
-            "keras_version": keras.__version__,
-            "tensorflow_version": _installed_version("tensorflow"),
-            "jax_version": _installed_version("jax"),
-            "backend": keras.backend.backend(),
-            "model": model_rel,
-            "model_class": type(self.model).__name__,
-            "compile": _compile_config(self.model),
-            "data": self.data if self.data is not None else (existing or {}).get("data"),
-            "data_files": data_files,
-            "params": dict(self.params or {}),
-            "steps_per_epoch": (self.params or {}).get("steps"),
-            "save_freq": self.save_freq,
-            "variables": signature,
-            "status": "running",
-            "checkpoints": [],
-        }
+        self._manifest = runfmt.new_manifest(
+            self.model,
+            model_file=model_rel,
+            compile_config=_compile_config(self.model),
+            data=self.data if self.data is not None else (existing or {}).get("data"),
+            data_files=data_files,
+            params=self.params,
+            save_freq=self.save_freq,
+            created=existing.get("created") if existing else None,
+        )
         self._write_manifest()
         self._queue = queue.Queue(maxsize=self.max_pending)
         self._writer = threading.Thread(
@@ -596,13 +585,4 @@ def _compile_config(model) -> dict[str, Any] | None:
     try:
         return model.get_compile_config()
     except Exception:  # noqa: BLE001 - an uncompiled or unserializable config is just absent
-        return None
-
-
-def _installed_version(package: str) -> str | None:
-    """The installed version of a package, read from its metadata: recording TensorFlow's
-    version must not import TensorFlow into a JAX training process."""
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
         return None

@@ -752,6 +752,117 @@ def _explain_table(frame, title: str):
     return table
 
 
+# --------------------------------------------------------------------------- adopt
+
+
+def _pattern_option(value: str | None):
+    from trueloss_replay.adopt import epoch_parser
+    from trueloss_replay.errors import AdoptError
+
+    if value is not None:
+        try:
+            epoch_parser(value)
+        except AdoptError as e:
+            raise click.BadParameter(str(e)) from e
+    return value
+
+
+@main.command()
+@click.argument("src", type=_LocalPath(exists=True, file_okay=False, path_type=Path))
+@click.argument("run_dir", type=_FOLDER)
+@click.option(
+    "--pattern",
+    metavar="PATTERN",
+    callback=lambda ctx, param, value: _pattern_option(value),
+    help="ModelCheckpoint's filepath, e.g. 'ckpt-{epoch:03d}.weights.h5' (default: the first "
+    "integer of each name is its epoch).",
+)
+@click.option(
+    "--model-file",
+    type=_LocalPath(exists=True, dir_okay=False, path_type=Path),
+    help="A .keras file with the architecture (default: the newest .keras checkpoint).",
+)
+@click.option("--data", metavar="MOD:FN", help="Data factory returning the train and val data.")
+@click.option(
+    "--train",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Training data to snapshot: .npz or .h5 with x, y and optionally sample_weight.",
+)
+@click.option(
+    "--val",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Validation data to snapshot, the same kinds.",
+)
+@click.option(
+    "--log",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="What Keras reported: a CSVLogger file or a saved History JSON.",
+)
+@click.option(
+    "--allow-gaps",
+    is_flag=True,
+    help="Accept missing epochs (save_best_only=True); default: they are an error.",
+)
+@_model_options
+def adopt(
+    src: Path,
+    run_dir: Path,
+    pattern: str | None,
+    model_file: Path | None,
+    data: str | None,
+    train: Path | None,
+    val: Path | None,
+    log: Path | None,
+    allow_gaps: bool,
+    unsafe_deserialization: bool,
+    model_ref: str | None,
+    imports: tuple[str, ...],
+):
+    """Turn a folder of Keras ModelCheckpoint files into a run folder.
+
+    SRC holds *.weights.h5 (save_weights_only=True) or *.keras files, one per epoch. Each
+    is rewritten as a native checkpoint in RUN_DIR (a new folder), so replay, history, plot,
+    explain, export and inspect work on it as on a run of ReplayCheckpoint.
+
+    \b
+    Example:
+        trueloss-replay adopt ckpts runs/exp1 --pattern 'ckpt-{epoch:03d}.weights.h5' \\
+            --model-file model.keras --train train.npz --val val.npz --log training.log
+        trueloss-replay replay runs/exp1
+    """
+    from trueloss_replay.adopt import adopt as adopt_run
+
+    if model_ref is not None and model_file is not None:
+        raise click.UsageError("pass --model or --model-file, not both.")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        run = adopt_run(
+            src,
+            run_dir,
+            pattern=pattern,
+            model=model_ref,
+            model_file=model_file,
+            data=data,
+            train=train,
+            val=val,
+            log=log,
+            allow_gaps=allow_gaps,
+            unsafe_deserialization=unsafe_deserialization,
+            imports=imports,
+        )
+    for warning in caught:
+        if "trueloss-replay:" in str(warning.message):
+            click.echo(
+                f"warning: {str(warning.message).removeprefix('trueloss-replay: ')}", err=True
+            )
+    epochs = [c.epoch for c in run.checkpoints()]
+    click.echo(
+        f"adopted {len(epochs)} checkpoint(s) of {src} (epochs {epochs[0]}-{epochs[-1]}) as "
+        f"{run.path}"
+    )
+    click.echo(f"next: trueloss-replay replay {run.path}")
+
+
 # --------------------------------------------------------------------------- demo
 
 

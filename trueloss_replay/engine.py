@@ -96,17 +96,10 @@ def load_model(run: runfmt.Run, builder: Callable | str | None = None, unsafe: b
         ModelLoadError: no architecture and no builder, an unsafe layer without ``unsafe``,
             an unregistered custom object, or an uncompiled model.
     """
-    import keras
-
+    config = run.manifest.get("compile")
     if builder is not None:
-        if isinstance(builder, str):
-            try:
-                builder = import_reference(builder, "--model")
-            except DataError as e:
-                raise ModelLoadError(str(e)) from e
-        model = builder()
+        model = build_model(builder)
         if not getattr(model, "compiled", False):
-            config = run.manifest.get("compile")
             if not config:
                 raise ModelLoadError(
                     f"the model builder returned an uncompiled model and {run.path} records "
@@ -122,21 +115,52 @@ def load_model(run: runfmt.Run, builder: Callable | str | None = None, unsafe: b
         )
     if not path.is_file():
         raise ModelLoadError(f"{path} is missing; pass --model MODULE:FUNCTION instead.")
-    config = run.manifest.get("compile") or {}
-    try:
-        # compile=False, then the manifest's compile config: the optimizer's saved state is
-        # of no use here, and loading it only warns about mismatched variables.
-        model = keras.saving.load_model(path, safe_mode=not unsafe, compile=False)
-        if config:
-            model.compile_from_config(config)
-    except Exception as e:  # noqa: BLE001 - Keras raises bare ValueError/TypeError here
-        raise ModelLoadError(_explain_load_error(path, e)) from e
-    if not config.get("loss") and not overrides_compute_loss(model):
+    model = load_model_file(path, config, unsafe)
+    if not (config or {}).get("loss") and not overrides_compute_loss(model):
         raise ModelLoadError(
             f"{run.path / runfmt.MANIFEST} records no compiled loss (the model was compiled "
             "without one) and the model does not override compute_loss; there is no loss "
             "to replay."
         )
+    return model
+
+
+def build_model(builder: Callable | str):
+    """Calls a model builder (a callable or a ``module:function`` reference), as given.
+
+    Raises:
+        ModelLoadError: the reference cannot be imported.
+    """
+    if isinstance(builder, str):
+        try:
+            builder = import_reference(builder, "--model")
+        except DataError as e:
+            raise ModelLoadError(str(e)) from e
+    return builder()
+
+
+def load_model_file(path: Path, compile_config: dict | None = None, unsafe: bool = False):
+    """A model from a ``.keras`` file, without its optimizer state.
+
+    Args:
+        path: the ``.keras`` archive.
+        compile_config: compiled with it when given; otherwise the model is left uncompiled.
+        unsafe: load with ``safe_mode=False`` (Lambda layers need it).
+
+    Raises:
+        ModelLoadError: a damaged archive, an unsafe layer without ``unsafe``, an
+            unregistered custom object; the message names the file.
+    """
+    import keras
+
+    try:
+        # compile=False, then the given compile config: the optimizer's saved state is of no
+        # use here, and loading it only warns about mismatched variables.
+        model = keras.saving.load_model(path, safe_mode=not unsafe, compile=False)
+        if compile_config:
+            model.compile_from_config(compile_config)
+    except Exception as e:  # noqa: BLE001 - Keras raises bare ValueError/TypeError here
+        raise ModelLoadError(_explain_load_error(Path(path), e)) from e
     return model
 
 

@@ -17,6 +17,11 @@ class CheckpointMismatchError(RunFormatError):
     """A checkpoint's variables do not match the model it is loaded into."""
 
 
+class AdoptError(TruelossReplayError, ValueError):
+    """A folder of Keras checkpoints cannot be adopted as it is: no checkpoint, a name without
+    an epoch, two files of one epoch, missing epochs, or a log whose epochs do not match."""
+
+
 class RunExistsError(TruelossReplayError, FileExistsError):
     """The run folder already holds a different run."""
 

@@ -51,8 +51,8 @@ _CHECKPOINT_RE = re.compile(r"^e(\d{4,})(?:-s(\d{6,}))?\.h5$")
 # --------------------------------------------------------------------------- atomic files
 
 
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; not every platform lets a folder be opened.
+def fsync_dir(folder: Path) -> None:
+    """Makes a rename in ``folder`` durable; silently not where a folder cannot be opened."""
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
         try:
@@ -98,7 +98,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
                 "writable, that nothing else is in the way, and that the disk has space."
             ) from e
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -769,6 +769,79 @@ def list_checkpoints(folder: Path, epoch_end_only: bool = False) -> list[Checkpo
         except RunFormatError as e:
             found.append(Checkpoint(entry.name, Path(entry.path), parsed[0], error=str(e)))
     return sorted(found, key=Checkpoint.sort_key)
+
+
+def new_manifest(
+    model,
+    *,
+    model_file: str | None,
+    compile_config: Mapping[str, Any] | None,
+    data: str | None = None,
+    data_files: Mapping[str, str] | None = None,
+    params: Mapping[str, Any] | None = None,
+    save_freq: str | int = "epoch",
+    status: str = "running",
+    created: float | None = None,
+) -> dict[str, Any]:
+    """The manifest of a new run of ``model``, before any checkpoint is listed.
+
+    The one place that decides what a manifest holds: ``ReplayCheckpoint`` writes it at
+    train begin, ``adopt`` for a folder of Keras checkpoints.
+
+    Args:
+        model: the Keras model whose variables the checkpoints hold.
+        model_file: the architecture's path relative to the run folder, or None.
+        compile_config: ``model.get_compile_config()`` of the trained model.
+        data: a ``module:function`` data factory, or None.
+        data_files: ``{"train": "data/train.h5", ...}``: snapshots in the run folder.
+        params: Keras' ``History.params`` (``epochs``, ``steps``, ``verbose``).
+        save_freq: ``"epoch"`` or the step count of sub-epoch checkpoints.
+        status: ``running``, ``finished`` or ``failed``.
+        created: Unix seconds (default now).
+
+    Returns:
+        The manifest as a dict, with an empty ``checkpoints`` list.
+
+    Example:
+        >>> manifest = new_manifest(model, model_file="model.keras",
+        ...                         compile_config=model.get_compile_config())
+    """
+    import time
+
+    import keras
+
+    params = dict(params or {})
+    return {
+        "format": RUN_FORMAT,
+        "version": FORMAT_VERSION,
+        "created": time.time() if created is None else created,
+        "keras_version": keras.__version__,
+        "tensorflow_version": installed_version("tensorflow"),
+        "jax_version": installed_version("jax"),
+        "backend": keras.backend.backend(),
+        "model": model_file,
+        "model_class": type(model).__name__,
+        "compile": None if compile_config is None else dict(compile_config),
+        "data": data,
+        "data_files": dict(data_files or {}),
+        "params": params,
+        "steps_per_epoch": params.get("steps"),
+        "save_freq": save_freq,
+        "variables": model_signature(model),
+        "status": status,
+        "checkpoints": [],
+    }
+
+
+def installed_version(package: str) -> str | None:
+    """The installed version of a package, read from its metadata: recording TensorFlow's
+    version must not import TensorFlow into a JAX training process."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:
