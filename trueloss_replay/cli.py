@@ -391,25 +391,49 @@ def _size(size: int) -> str:
 @main.command()
 @click.argument("run_dir", type=_RUN_DIR)
 @click.option(
-    "--tensorboard",
-    "logdir",
+    "--logdir",
     type=_FOLDER,
-    required=True,
-    help="TensorBoard log folder to write the true curves to (scalars true/loss ...).",
+    help="The TensorBoard log folder, usually the log_dir of the run's TensorBoard callback.",
+)
+@click.option("--tensorboard", "logdir_alias", type=_FOLDER, hidden=True)
+@click.option(
+    "--reported/--no-reported",
+    default=True,
+    show_default=True,
+    help="Also write what Keras reported to train/ and validation/, where no TensorBoard "
+    "callback wrote it.",
 )
 @_output_option
-def export(run_dir: Path, logdir: Path, output: Path | None):
-    """Export the true curves of a replayed run as TensorBoard scalars.
+def export(
+    run_dir: Path,
+    logdir: Path | None,
+    logdir_alias: Path | None,
+    reported: bool,
+    output: Path | None,
+):
+    """Export the true curves of a replayed run to TensorBoard, in Keras' own layout.
+
+    The true figures go to LOGDIR/train_true and LOGDIR/validation_true with the tags and
+    steps of Keras' TensorBoard callback (epoch_loss, epoch_accuracy, ... at the epoch
+    index), so they share its cards; the penalty is epoch_regularization_loss. Exporting
+    again replaces the earlier export.
 
     \b
     Example:
-        trueloss-replay export runs/exp1 --tensorboard logs/exp1-true
-        tensorboard --logdir logs
+        trueloss-replay export runs/exp1 --logdir logs/exp1
+        tensorboard --logdir logs/exp1
     """
     from trueloss_replay.tensorboard import export_tensorboard
 
-    path = export_tensorboard(run_dir, logdir, output)
-    click.echo(f"wrote {path}")
+    if logdir is None and logdir_alias is None:
+        raise click.UsageError("Missing option '--logdir'.")
+    if logdir is not None and logdir_alias is not None and logdir != logdir_alias:
+        raise click.UsageError("--logdir and --tensorboard (its old name) name different folders.")
+    done = export_tensorboard(run_dir, logdir or logdir_alias, output, reported=reported)
+    for path in done.files:
+        click.echo(f"wrote {path}")
+    for run in done.left_to_keras:
+        click.echo(f"{done.logdir / run}: reported curves left to the TensorBoard callback's files")
 
 
 # --------------------------------------------------------------------------- replay
