@@ -42,8 +42,9 @@ def event_files(folder) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if "tfevents" in p.name)
 
 
-@pytest.mark.backend
 def test_true_curves_land_beside_keras_tensorboard_callback(tmp_path):
+    # Not run again under JAX: the export is backend-free (test_export_needs_no_tensorflow),
+    # and Keras' TensorBoard callback writes through TensorFlow on every backend.
     x, y = make_data(n=120)
     train, val = (x[:90], y[:90]), (x[90:], y[90:])
     logdir, run_dir = tmp_path / "logs", tmp_path / "run"
