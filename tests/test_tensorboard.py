@@ -42,9 +42,10 @@ def event_files(folder) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if "tfevents" in p.name)
 
 
-def test_true_curves_land_beside_keras_tensorboard_callback(tmp_path):
+def test_true_curves_land_beside_keras_tensorboard_callback(trained_run, tmp_path):
     # Not run again under JAX: the export is backend-free (test_export_needs_no_tensorflow),
     # and Keras' TensorBoard callback writes through TensorFlow on every backend.
+    # trained_run first: other tests name the shared model's variables by Keras' first names.
     x, y = make_data(n=120)
     train, val = (x[:90], y[:90]), (x[90:], y[90:])
     logdir, run_dir = tmp_path / "logs", tmp_path / "run"
