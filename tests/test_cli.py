@@ -290,48 +290,70 @@ def test_inspect_a_folder_that_is_not_a_run(tmp_path):
 # --------------------------------------------------------------------------- export
 
 
-def read_scalars(logdir) -> dict[str, dict[int, float]]:
-    import tensorflow as tf
+def read_scalars(folder) -> dict[str, dict[int, float]]:
+    """``{tag: {step: value}}`` of a TensorBoard run folder, read by TensorBoard itself."""
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.util import tensor_util
 
-    scalars: dict[str, dict[int, float]] = {}
-    for path in logdir.glob("events.out.tfevents.*"):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            for value in event.summary.value:
-                assert value.metadata.plugin_data.plugin_name == "scalars"
-                scalars.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
-    return scalars
+    acc = event_accumulator.EventAccumulator(
+        str(folder), size_guidance={event_accumulator.TENSORS: 0}
+    )
+    acc.Reload()
+    return {
+        tag: {e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)}
+        for tag in acc.Tags()["tensors"]
+    }
 
 
-def test_export_tensorboard_scalars(replayed_run, replay_results, trained_run, tmp_path):
+@pytest.mark.parametrize("option", ["--logdir", "--tensorboard"])
+def test_export_tensorboard_scalars(option, replayed_run, replay_results, trained_run, tmp_path):
     (replayed_run / "replay" / "results" / "e0002.json").unlink()
     logdir = tmp_path / "logs"
 
-    result = invoke("export", replayed_run, "--tensorboard", logdir)
+    result = invoke("export", replayed_run, option, logdir)
 
     assert result.exit_code == 0, result.output
-    scalars = read_scalars(logdir)
-    assert {"true/loss", "true/val_loss", "true/accuracy", "true/regularization_loss"} <= set(
-        scalars
-    )
+    assert f"wrote {logdir / 'train_true'}" in result.output
+    train, val = read_scalars(logdir / "train_true"), read_scalars(logdir / "validation_true")
+    assert {"epoch_loss", "epoch_accuracy", "epoch_regularization_loss"} <= set(train)
     loss = expected(replay_results, "train", "loss")
-    assert set(scalars["true/loss"]) == {0, 2}  # epoch 2 is not replayed: no point
+    assert set(train["epoch_loss"]) == {0, 2}  # epoch 2 is not replayed: no point
     for step in (0, 2):
-        assert scalars["true/loss"][step] == pytest.approx(loss[step], rel=1e-6)
-        val = expected(replay_results, "val", "loss")[step]
-        assert scalars["true/val_loss"][step] == pytest.approx(val, rel=1e-6)
-    reported = trained_run.history.history["loss"]
-    assert [scalars["reported/loss"][s] for s in range(EPOCHS)] == pytest.approx(reported)
+        assert train["epoch_loss"][step] == pytest.approx(loss[step], rel=1e-6)
+        val_loss = expected(replay_results, "val", "loss")[step]
+        assert val["epoch_loss"][step] == pytest.approx(val_loss, rel=1e-6)
+    reported = read_scalars(logdir / "train")["epoch_loss"]
+    assert [reported[s] for s in range(EPOCHS)] == pytest.approx(
+        trained_run.history.history["loss"]
+    )
+
+
+def test_export_tensorboard_alias_is_hidden():
+    result = invoke("export", "--help")
+
+    assert result.exit_code == 0, result.output
+    assert "--logdir" in result.output and "--tensorboard" not in result.output
+
+
+def test_export_no_reported(replayed_run, tmp_path):
+    result = invoke("export", replayed_run, "--logdir", tmp_path / "logs", "--no-reported")
+
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == [
+        "train_true",
+        "validation_true",
+    ]
 
 
 def test_export_needs_a_target(replayed_run):
     result = invoke("export", replayed_run)
 
     assert result.exit_code == 2
-    assert "Missing option '--tensorboard'" in result.output
+    assert "Missing option '--logdir'" in result.output
 
 
 def test_export_of_a_run_not_replayed_fails(run_copy, tmp_path):
-    result = invoke("export", run_copy, "--tensorboard", tmp_path / "logs")
+    result = invoke("export", run_copy, "--logdir", tmp_path / "logs")
 
     assert result.exit_code == 1
     assert "holds no replay results" in result.output
@@ -403,7 +425,7 @@ def test_run_folder_given_as_a_url_is_refused(command, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "gs:" / "bucket" / "run").mkdir(parents=True)  # what a URL would become
 
-    result = invoke(command, "gs://bucket/run", *(["--tensorboard", "tb"] * (command == "export")))
+    result = invoke(command, "gs://bucket/run", *(["--logdir", "tb"] * (command == "export")))
 
     assert result.exit_code == 2
     assert "'gs://bucket/run' is a URL; trueloss-replay reads and writes local folders" in (

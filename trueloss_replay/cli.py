@@ -391,81 +391,52 @@ def _size(size: int) -> str:
 @main.command()
 @click.argument("run_dir", type=_RUN_DIR)
 @click.option(
-    "--tensorboard",
-    "logdir",
+    "--logdir",
     type=_FOLDER,
-    required=True,
-    help="TensorBoard log folder to write the true curves to (scalars true/loss ...).",
+    help="The TensorBoard log folder, usually the log_dir of the run's TensorBoard callback.",
+)
+@click.option("--tensorboard", "logdir_alias", type=_FOLDER, hidden=True)
+@click.option(
+    "--reported/--no-reported",
+    default=True,
+    show_default=True,
+    help="Also write what Keras reported to train/ and validation/, where no TensorBoard "
+    "callback wrote it.",
 )
 @_output_option
-def export(run_dir: Path, logdir: Path, output: Path | None):
-    """Export the true curves of a replayed run as TensorBoard scalars.
+def export(
+    run_dir: Path,
+    logdir: Path | None,
+    logdir_alias: Path | None,
+    reported: bool,
+    output: Path | None,
+):
+    """Export the true curves of a replayed run to TensorBoard, in Keras' own layout.
+
+    The true figures go to LOGDIR/train_true and LOGDIR/validation_true with the tags and
+    steps of Keras' TensorBoard callback (epoch_loss, epoch_accuracy, ... at the epoch
+    index), so they share its cards; the penalty is epoch_regularization_loss. Exporting
+    again replaces the earlier export.
 
     \b
     Example:
-        trueloss-replay export runs/exp1 --tensorboard logs/exp1-true
-        tensorboard --logdir logs
+        trueloss-replay export runs/exp1 --logdir logs/exp1
+        tensorboard --logdir logs/exp1
     """
     from trueloss_replay.tensorboard import export_tensorboard
 
-    path = export_tensorboard(run_dir, logdir, output)
-    click.echo(f"wrote {path}")
+    if logdir is None and logdir_alias is None:
+        raise click.UsageError("Missing option '--logdir'.")
+    if logdir is not None and logdir_alias is not None and logdir != logdir_alias:
+        raise click.UsageError("--logdir and --tensorboard (its old name) name different folders.")
+    done = export_tensorboard(run_dir, logdir or logdir_alias, output, reported=reported)
+    for path in done.files:
+        click.echo(f"wrote {path}")
+    for run in done.left_to_keras:
+        click.echo(f"{done.logdir / run}: reported curves left to the TensorBoard callback's files")
 
 
 # --------------------------------------------------------------------------- replay
-
-
-class _RichProgress:
-    """The engine's progress hooks drawn as rich bars: checkpoints, and batches with examples/s."""
-
-    def __init__(self):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        self.bars = Progress(
-            TextColumn("{task.description:<12}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(),
-        )
-        self.examples = 0
-        self.started = 0.0
-
-    def __enter__(self):
-        self.bars.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.bars.stop()
-
-    def start(self, checkpoints: int, batches_per_checkpoint: int | None) -> None:
-        import time
-
-        self.started = time.perf_counter()
-        self.checkpoints = self.bars.add_task("checkpoints", total=checkpoints, rate="")
-        self.batches = self.bars.add_task("batches", total=batches_per_checkpoint, rate="")
-
-    def advance(self, examples: int) -> None:
-        import time
-
-        self.examples += examples
-        rate = self.examples / max(time.perf_counter() - self.started, 1e-9)
-        self.bars.update(self.batches, advance=1, rate=f"{rate:,.0f} examples/s")
-
-    def checkpoint_done(self, result, reused: bool) -> None:
-        self.bars.update(self.checkpoints, advance=1)
-        if not reused:
-            self.bars.reset(self.batches, rate=self.bars.tasks[self.batches].fields["rate"])
-
-    def checkpoint_failed(self, name: str, reason: str) -> None:
-        self.bars.update(self.checkpoints, advance=1)
-        self.bars.console.print(f"[red]{name}[/red]: {' '.join(reason.split())}")
 
 
 def _summary_table(history, title: str):
@@ -624,31 +595,27 @@ def replay(
         trueloss-replay replay runs/exp1 --data my_project.data:load --devices 0,1
         trueloss-replay replay runs/exp1 --epochs 10-20 --batch-size 4096 --force
     """
-    import contextlib
-
     from trueloss_replay.errors import ReplayIncompleteError
     from trueloss_replay.scheduler import replay as run_replay
 
-    progress = None if no_progress else _RichProgress()
     try:
-        with progress or contextlib.nullcontext():
-            history = run_replay(
-                run_dir,
-                data=data,
-                train=train,
-                val=val,
-                batch_size=batch_size,
-                devices=devices,
-                epochs=epochs,
-                force=force,
-                output=output,
-                unsafe_deserialization=unsafe_deserialization,
-                model=model_ref,
-                imports=imports,
-                data_major=data_major,
-                progress=progress,
-                trust_data_factory=trust_data_factory,
-            )
+        history = run_replay(
+            run_dir,
+            data=data,
+            train=train,
+            val=val,
+            batch_size=batch_size,
+            devices=devices,
+            epochs=epochs,
+            force=force,
+            output=output,
+            unsafe_deserialization=unsafe_deserialization,
+            model=model_ref,
+            imports=imports,
+            data_major=data_major,
+            progress=not no_progress,
+            trust_data_factory=trust_data_factory,
+        )
     except ReplayIncompleteError as e:
         if e.history.epoch:
             _print(_summary_table(e.history, f"true loss of {run_dir} (incomplete)"))
@@ -677,6 +644,7 @@ def replay(
 @_data_options
 @_output_option
 @_model_options
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
 def explain(
     run_dir: Path,
     seeds: int,
@@ -690,6 +658,7 @@ def explain(
     unsafe_deserialization: bool,
     model_ref: str | None,
     imports: tuple[str, ...],
+    no_progress: bool,
 ):
     """Split each epoch's reported training loss into true loss, penalty, training mode, drift.
 
@@ -721,6 +690,7 @@ def explain(
             model=model_ref,
             imports=imports,
             trust_data_factory=trust_data_factory,
+            progress=not no_progress,
         )
     except ExplainIncompleteError as e:
         if len(e.frame):
@@ -880,14 +850,10 @@ def demo(directory: Path, epochs: int, no_progress: bool):
     Example:
         trueloss-replay demo demo-run
     """
-    import contextlib
-
     from trueloss_replay.demo import run_demo
 
     click.echo(f"training the demo model for {epochs} epochs on scikit-learn's digits ...")
-    progress = None if no_progress else _RichProgress()
-    with progress or contextlib.nullcontext():
-        result = run_demo(directory, epochs=epochs, progress=progress)
+    result = run_demo(directory, epochs=epochs, progress=not no_progress)
     click.echo(f"run folder: {result.run_dir}")
     click.echo(f"plot:       {result.plot}")
     click.echo(f"csv:        {result.csv}")

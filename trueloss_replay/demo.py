@@ -96,7 +96,7 @@ def run_demo(
     epochs: int = 20,
     batch_size: int = 32,
     seed: int = 0,
-    progress=None,
+    progress: bool = True,
 ) -> DemoResult:
     """Trains the demo model with ``ReplayCheckpoint``, replays it, writes the plot and CSV.
 
@@ -105,7 +105,7 @@ def run_demo(
         epochs: training epochs.
         batch_size: training batch size.
         seed: seeds the data split, the weights and dropout.
-        progress: passed on to ``replay`` (the CLI gives a rich display).
+        progress: passed on to ``replay``: its progress bars, or False for none.
 
     Returns:
         DemoResult: paths and both Histories.

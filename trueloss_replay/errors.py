@@ -106,3 +106,7 @@ class PlotError(TruelossReplayError, ValueError):
 
 class BackendError(TruelossReplayError, RuntimeError):
     """Keras runs on a backend trueloss-replay does not support (it supports TensorFlow, JAX)."""
+
+
+class MissingDependencyError(TruelossReplayError, ImportError):
+    """An optional package a feature needs is not installed; the message names the extra."""

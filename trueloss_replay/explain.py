@@ -49,6 +49,7 @@ from trueloss_replay.errors import (
     RunFormatError,
     TruelossReplayError,
 )
+from trueloss_replay.progress import ProgressHooks, progress_display
 
 DEFAULT_SEEDS = 5
 KERAS_DEFAULT_BATCH_SIZE = 32
@@ -358,6 +359,7 @@ def explain(
     imports: Iterable[str] = (),
     on_checkpoint: Callable[[str, bool], None] | None = None,
     trust_data_factory: bool = False,
+    progress: bool | ProgressHooks | None = True,
 ) -> pd.DataFrame:
     """Splits each epoch's reported training loss into true loss, penalty, training mode, drift.
 
@@ -389,6 +391,9 @@ def explain(
         on_checkpoint: called with each checkpoint's name and whether it was reused.
         trust_data_factory: call the manifest's data factory even when it resolves to the
             standard library or an installed package (``data.check_recorded_factory``).
+        progress: show progress bars (a terminal's stderr, or the notebook): the replay,
+            then the training-mode pass; False shows nothing. An object with the
+            ``progress.ProgressHooks`` methods gets the progress instead.
 
     Returns:
         pandas.DataFrame: one row per epoch-end checkpoint with the columns of ``COLUMNS``;
@@ -434,81 +439,87 @@ def explain(
 
     failures = {c.name: c.error for c in checkpoints if c.error}
     usable = [c for c in checkpoints if not c.error]
-    if usable:
-        try:
-            replay(
-                run.path,
-                data=data,
-                train=train_split,
-                val=splits.get("val"),
-                devices=[device],
-                epochs=[c.epoch for c in usable],
-                # A sub-epoch checkpoint shares its epoch number; it has no reported loss.
-                epoch_end_only=True,
-                output=results_dir,
-                unsafe_deserialization=unsafe_deserialization,
-                model=model,
-            )
-        except ReplayIncompleteError as e:
-            failures.update(e.failures)
-
-    settings = {"seeds": seed_list, "batch_size": batch, "shuffle": shuffle}
-    evaluator: TrainingModeEvaluator | None = None
-    layers: list[str] | None = None
-    rows = []
-    for c in usable:
-        if c.name in failures:
-            continue
-        path = result_path(results_dir, c.name)
-        try:
-            result = read_result(path)
-        except RunFormatError as e:
-            failures[c.name] = str(e)
-            continue
-        # A diverged epoch's NaN is stored as null, but the key is there.
-        if "loss" not in (result.get("reported") or {}):
-            failures[c.name] = "Keras logged no training loss for this epoch"
-            continue
-        stored = result.get("explain")
-        reuse = not force and isinstance(stored, dict) and _same_settings(stored, settings)
-        if not reuse:
-            if evaluator is None:
-                with backend.device_scope(device):
-                    evaluator = TrainingModeEvaluator(
-                        load_model(run, model, unsafe_deserialization), device
-                    )
-                layers = training_mode_layers(evaluator.model)
+    with progress_display(progress) as display:
+        if usable:
             try:
-                stored = _explain_checkpoint(
-                    evaluator,
-                    c,
-                    result,
-                    path,
-                    train_split,
-                    settings={**settings, "layers": layers},
+                replay(
+                    run.path,
+                    data=data,
+                    train=train_split,
+                    val=splits.get("val"),
+                    devices=[device],
+                    epochs=[c.epoch for c in usable],
+                    # A sub-epoch checkpoint shares its epoch number; it has no reported loss.
+                    epoch_end_only=True,
+                    output=results_dir,
+                    unsafe_deserialization=unsafe_deserialization,
+                    model=model,
+                    progress=display,
                 )
-            except DataError:  # the data or the model, not this checkpoint: stop
-                raise
-            except TruelossReplayError as e:
+            except ReplayIncompleteError as e:
+                failures.update(e.failures)
+
+        settings = {"seeds": seed_list, "batch_size": batch, "shuffle": shuffle}
+        evaluator: TrainingModeEvaluator | None = None
+        layers: list[str] | None = None
+        rows = []
+        stage = getattr(display, "stage", None)  # absent from a caller's own hooks
+        if stage is not None:
+            stage("training mode", len(usable))
+        for c in usable:
+            if c.name in failures:
+                continue
+            path = result_path(results_dir, c.name)
+            try:
+                result = read_result(path)
+            except RunFormatError as e:
                 failures[c.name] = str(e)
                 continue
-            except OSError as e:
-                failures[c.name] = (
-                    f"could not write {path}: {e.strerror or e}. Check that the folder is "
-                    "writable and the disk has space."
-                )
+            # A diverged epoch's NaN is stored as null, but the key is there.
+            if "loss" not in (result.get("reported") or {}):
+                failures[c.name] = "Keras logged no training loss for this epoch"
                 continue
-            except Exception as e:  # noqa: BLE001
-                if not backend.is_runtime_error(e):
+            stored = result.get("explain")
+            reuse = not force and isinstance(stored, dict) and _same_settings(stored, settings)
+            if not reuse:
+                if evaluator is None:
+                    with backend.device_scope(device):
+                        evaluator = TrainingModeEvaluator(
+                            load_model(run, model, unsafe_deserialization), device
+                        )
+                    layers = training_mode_layers(evaluator.model)
+                try:
+                    stored = _explain_checkpoint(
+                        evaluator,
+                        c,
+                        result,
+                        path,
+                        train_split,
+                        settings={**settings, "layers": layers},
+                    )
+                except DataError:  # the data or the model, not this checkpoint: stop
                     raise
-                # At these weights: out of memory, a numeric check.
-                failures[c.name] = str(evaluation_error(e, "train", batch))
-                continue
-        if on_checkpoint is not None:
-            on_checkpoint(c.name, reuse)
-        rows.append(_row(c, result, stored))
-        if layers is None and stored.get("layers") is not None:
-            layers = list(stored["layers"])
+                except TruelossReplayError as e:
+                    failures[c.name] = str(e)
+                    continue
+                except OSError as e:
+                    failures[c.name] = (
+                        f"could not write {path}: {e.strerror or e}. Check that the folder is "
+                        "writable and the disk has space."
+                    )
+                    continue
+                except Exception as e:  # noqa: BLE001
+                    if not backend.is_runtime_error(e):
+                        raise
+                    # At these weights: out of memory, a numeric check.
+                    failures[c.name] = str(evaluation_error(e, "train", batch))
+                    continue
+            if on_checkpoint is not None:
+                on_checkpoint(c.name, reuse)
+            display.checkpoint_done(None, reused=reuse)
+            rows.append(_row(c, result, stored))
+            if layers is None and stored.get("layers") is not None:
+                layers = list(stored["layers"])
 
     frame = pd.DataFrame(rows, columns=list(COLUMNS))
     frame.attrs["training_mode_layers"] = layers or []

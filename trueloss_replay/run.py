@@ -71,12 +71,15 @@ def fsync_file(path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(
+    path: str | os.PathLike, temporary: str | os.PathLike | None = None
+) -> Iterator[Path]:
     """Yields a temporary path beside ``path``; on success, fsyncs it and renames it into place.
 
     The caller writes and closes the temporary file inside the block. On an exception the
     temporary file is removed and ``path`` is left as it was; an ``OSError`` comes out as a
-    ``RunWriteError`` naming ``path``.
+    ``RunWriteError`` naming ``path``. ``temporary`` overrides the temporary name, for
+    readers that pick files by a part of their name (TensorBoard reads any "tfevents" file).
 
     Example:
         >>> with atomic_path("run/manifest.json") as tmp:
@@ -85,6 +88,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     # A hidden name that keeps the suffix: Keras insists that a model file ends in .keras.
     tmp = path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(4)}.tmp{path.suffix}")
+    if temporary is not None:
+        tmp = Path(temporary)
     try:
         yield tmp
         fsync_file(tmp)

@@ -35,6 +35,7 @@ from trueloss_replay.errors import (
     RunFormatError,
     TruelossReplayError,
 )
+from trueloss_replay.progress import ProgressHooks, progress_display
 
 # Data-major mode stages up to this many bytes of weights (several checkpoints) on a device,
 # and at most this many checkpoints per produced batch.
@@ -91,22 +92,10 @@ def _reusable(path: Path, checkpoint: runfmt.Checkpoint, fingerprints: dict) -> 
 # --------------------------------------------------------------------------- replay
 
 
-class _Progress:
-    """The hooks a progress display implements; the default does nothing."""
-
-    def start(self, checkpoints: int, batches_per_checkpoint: int | None) -> None: ...
-
-    def advance(self, examples: int, batches: int = 1) -> None: ...
-
-    def checkpoint_done(self, result: dict[str, Any], reused: bool) -> None: ...
-
-    def checkpoint_failed(self, name: str, reason: str) -> None: ...
-
-
 class _SerializedProgress:
     """Forwards the progress hooks under a lock: every device's worker calls them."""
 
-    def __init__(self, target: _Progress):
+    def __init__(self, target: ProgressHooks):
         self._target = target
         self._lock = threading.Lock()
 
@@ -136,7 +125,7 @@ def replay(
     model: Callable | str | None = None,
     imports: Iterable[str] = (),
     jit_compile: bool | None = None,
-    progress: _Progress | None = None,
+    progress: bool | ProgressHooks | None = True,
     data_major: bool = False,
     trust_data_factory: bool = False,
 ):
@@ -162,7 +151,9 @@ def replay(
         model: a builder (callable or ``module:function``) when the run has no architecture.
         imports: modules to import first (custom layers, losses, metrics).
         jit_compile: XLA for the evaluation step; None tries it and falls back.
-        progress: an object with the ``_Progress`` hooks (the CLI passes a rich display).
+        progress: show progress bars (a terminal's stderr, or the notebook); False shows
+            nothing. An object with the ``progress.ProgressHooks`` methods gets the
+            progress instead.
         data_major: evaluate several checkpoints per produced batch, so that an expensive
             input pipeline (a ``tf.data`` map that decodes, a ``PyDataset`` reading files)
             runs once for all of them; their results are written together, so an
@@ -198,8 +189,6 @@ def replay(
 
     get_backend()  # an unsupported Keras backend is refused before any work
     run = runfmt.Run(run_dir)
-    # Device workers report from their own threads.
-    progress = _SerializedProgress(progress or _Progress())
     import_modules(imports)
     splits = resolve_splits(
         run, data=data, train=train, val=val, trust_data_factory=trust_data_factory
@@ -241,29 +230,32 @@ def replay(
         # No default batch larger than the data: that shape would occur nowhere.
         batch = min(batch, max(array_counts))
     per_ckpt = sum(s.num_batches(batch) or 0 for s in splits.values()) or None
-    progress.start(len(checkpoints), per_ckpt)
-    for c in checkpoints:
-        if c.name in results:
-            progress.checkpoint_done(results[c.name], reused=True)
-        elif c.error:
-            progress.checkpoint_failed(c.name, c.error)
+    with progress_display(progress) as display:
+        # Device workers report from their own threads.
+        hooks = _SerializedProgress(display)
+        hooks.start(len(checkpoints), per_ckpt)
+        for c in checkpoints:
+            if c.name in results:
+                hooks.checkpoint_done(results[c.name], reused=True)
+            elif c.error:
+                hooks.checkpoint_failed(c.name, c.error)
 
-    if todo:
-        builder = lambda: load_model(run, model, unsafe_deserialization)  # noqa: E731
-        _evaluate_all(
-            todo,
-            splits=splits,
-            device_names=device_names,
-            builder=builder,
-            batch=batch,
-            output=output,
-            fingerprints=fingerprints,
-            jit_compile=jit_compile,
-            results=results,
-            failures=failures,
-            progress=progress,
-            data_major=data_major,
-        )
+        if todo:
+            builder = lambda: load_model(run, model, unsafe_deserialization)  # noqa: E731
+            _evaluate_all(
+                todo,
+                splits=splits,
+                device_names=device_names,
+                builder=builder,
+                batch=batch,
+                output=output,
+                fingerprints=fingerprints,
+                jit_compile=jit_compile,
+                results=results,
+                failures=failures,
+                progress=hooks,
+                data_major=data_major,
+            )
 
     # Unselected checkpoints keep the results stored earlier, so the History covers the run.
     for c in everything:
