@@ -16,6 +16,7 @@ except importlib.metadata.PackageNotFoundError:  # a source tree that was never 
 _EXPORTS = {
     "CheckpointMismatchError": "trueloss_replay.errors",
     "DataError": "trueloss_replay.errors",
+    "FollowResult": "trueloss_replay.follow",
     "ModelLoadError": "trueloss_replay.errors",
     "ReplayCheckpoint": "trueloss_replay.callback",
     "ReplayIncompleteError": "trueloss_replay.errors",
@@ -26,6 +27,7 @@ _EXPORTS = {
     "RunWriteError": "trueloss_replay.errors",
     "TruelossReplayError": "trueloss_replay.errors",
     "explain": "trueloss_replay.explain",
+    "follow": "trueloss_replay.follow",
     "load_frame": "trueloss_replay.history",
     "load_history": "trueloss_replay.history",
     "load_weights": "trueloss_replay.run",

@@ -786,9 +786,9 @@ class _FollowLog:
 def _follow(run_dir: Path, *, poll, idle_timeout, no_progress, **options) -> None:
     from trueloss_replay.errors import ReplayIncompleteError
     from trueloss_replay.follow import DEFAULT_POLL, follow
-    from trueloss_replay.history import replay_folder
+    from trueloss_replay.run import RESULTS_DIR
 
-    folder = options["output"] or replay_folder(run_dir)
+    folder = options["output"] or run_dir / RESULTS_DIR
     try:
         outcome = follow(
             run_dir,

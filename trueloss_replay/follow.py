@@ -19,6 +19,7 @@ follower that is stopped, killed or restarted reuses what is done. A checkpoint 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 import warnings
@@ -44,6 +45,9 @@ from trueloss_replay.scheduler import (
 DEFAULT_POLL = 2.0
 #: The manifest statuses after which no checkpoint comes.
 FINAL_STATUSES = ("finished", "failed")
+#: While a follower catches up on a backlog, the seconds between two rewrites of the figure
+#: and the TensorBoard scalars (each takes about a second; history.csv and .json, milliseconds).
+FIGURE_INTERVAL = 10.0
 MISSED_REASON = "removed (by ReplayCheckpoint's keep) before it was evaluated"
 
 
@@ -107,7 +111,9 @@ def follow(
     evaluates the new ones in training order (none is skipped: not only the latest), each
     result written to ``<output>/<checkpoint>.json`` as ``replay`` writes it. After each
     checkpoint it rewrites ``history.csv``, ``history.json``, ``curves.png`` (``plot``) and,
-    with ``logdir``, the TensorBoard scalars. It returns when the manifest says ``finished``
+    with ``logdir``, the TensorBoard scalars (while it catches up on checkpoints that were
+    there already, the figure and the scalars every ``FIGURE_INTERVAL`` seconds and at the
+    end of the backlog: each takes about a second). It returns when the manifest says ``finished``
     or ``failed`` and every checkpoint has been looked at, or after ``idle_timeout`` seconds
     without a new checkpoint (a training process that was killed stays ``running``).
 
@@ -299,6 +305,7 @@ class _Follower:
         self.results: dict[str, dict] = {}
         self.outcome = FollowResult("running", None)
         self.event_files: set[Path] = set()
+        self.figures_written = -math.inf
 
     # --- the loop
 
@@ -349,10 +356,14 @@ class _Follower:
             else:
                 todo.append(c)
         changed |= self.note_pruned()
-        # A round per device count: the exports are refreshed after each checkpoint.
-        for start in range(0, len(todo), len(self.devices)):
-            self.evaluate(todo[start : start + len(self.devices)])
-            self.outcome.history = self.refresh()
+        # A round per device count, the exports refreshed after each: after each checkpoint.
+        # Behind (a backlog), the figure and TensorBoard wait up to FIGURE_INTERVAL seconds.
+        step = len(self.devices)
+        for start in range(0, len(todo), step):
+            self.evaluate(todo[start : start + step])
+            caught_up = start + step >= len(todo)
+            due = time.monotonic() - self.figures_written >= FIGURE_INTERVAL
+            self.outcome.history = self.refresh(figures=caught_up or due)
         if changed and not todo:
             self.outcome.history = self.refresh()
         return bool(new)
@@ -446,6 +457,7 @@ class _Follower:
         history = history_from_frame(frame, self.manifest.get("params"))
         write_exports(frame, history, self.folder)
         if figures and history.epoch and self.results:
+            self.figures_written = time.monotonic()
             if self.plot:
                 self.write_figure(history)
             if self.logdir is not None:
