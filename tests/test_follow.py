@@ -115,7 +115,7 @@ def test_a_follower_started_before_training_evaluates_each_checkpoint_while_it_t
     finished = read_manifest(run_dir)["finished"]
     for name in names:
         result = read_result(_results(run_dir) / name.replace(".h5", ".json"))
-        # Each epoch waited for its result, up to a minute: written during training.
+        # Each epoch waited for its result (up to PACED_WAIT): written during training.
         assert result["evaluated"] < finished, name
     followed = read_json(run_dir / "replay" / "history.json")
     plain = replay(run_dir, output=tmp_path / "plain")

@@ -85,8 +85,8 @@ def hold(run_dir: str) -> None:
     model.fit(x, y, batch_size=32, epochs=5, verbose=0, callbacks=callbacks)
 
 
-PACED_EPOCHS = 3
-PACED_WAIT = 60.0  # seconds an epoch waits for the follower before training on
+PACED_EPOCHS = 2
+PACED_WAIT = 120.0  # seconds an epoch waits for the follower before training on
 
 
 def paced(run_dir: str) -> None:

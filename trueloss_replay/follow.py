@@ -169,7 +169,8 @@ def follow(
         >>> outcome.status, outcome.history.history["loss"][-1], outcome.missed
     """
     for name, value in (("poll", poll), ("idle_timeout", idle_timeout)):
-        if value is not None and not (isinstance(value, (int, float)) and value > 0):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value is not None and not (number and value > 0):
             raise ValueError(f"{name} must be a positive number of seconds. Received: {value!r}")
     # Before anything starts the devices: later, neither setting can be changed.
     share_device_memory()
