@@ -251,8 +251,8 @@ def test_save_initial_false_writes_no_e0000(tmp_path):
 # ----------------------------------------------------------------------------- keep
 
 
-def _expected_kept(epochs, steps, save_freq, keep, keep_every):
-    """Names left by keep/keep_every, derived from the step arithmetic alone."""
+def _written(epochs, steps, save_freq):
+    """``(step, name, epoch or None)`` of every checkpoint a run writes, in training order."""
     written = [(e * steps, f"e{e:04d}.h5", e) for e in range(epochs + 1)]
     if save_freq:
         written += [
@@ -260,7 +260,12 @@ def _expected_kept(epochs, steps, save_freq, keep, keep_every):
             for s in range(1, epochs * steps + 1)
             if s % save_freq == 0 and s % steps != 0
         ]
-    written.sort()
+    return sorted(written)
+
+
+def _expected_kept(epochs, steps, save_freq, keep, keep_every):
+    """Names left by keep/keep_every, derived from the step arithmetic alone."""
+    written = _written(epochs, steps, save_freq)
     newest = {name for _, name, _ in written[-keep:]}
     every = {name for _, name, e in written if keep_every and e is not None and e % keep_every == 0}
     return sorted(newest | every)
@@ -280,6 +285,9 @@ def test_keep_prunes_old_checkpoints(tmp_path, keep, keep_every, save_freq):
     assert _files(path) == expected
     assert sorted(c["name"] for c in _manifest(path)["checkpoints"]) == expected
     assert _hidden_files(path) == []
+    # What a follower lists as missed when it could not read them in time.
+    every = {name for _, name, _ in _written(epochs, n // BATCH, save_freq)}
+    assert sorted(_manifest(path)["pruned"]) == sorted(every - set(expected))
 
 
 def test_keep_continues_across_a_resume(tmp_path):
@@ -288,6 +296,7 @@ def test_keep_continues_across_a_resume(tmp_path):
     _fit(model, path, 2, keep=2)
     _fit(model, path, 4, initial_epoch=2, keep=2)
     assert _files(path) == ["e0003.h5", "e0004.h5"]
+    assert _manifest(path)["pruned"] == ["e0000.h5", "e0001.h5", "e0002.h5"]
 
 
 @pytest.mark.parametrize("save_freq", [None, 2], ids=["epoch", "every-2-steps"])

@@ -4,6 +4,7 @@ python tests/trainer_subprocess.py crash RUN_DIR       # trains a big model unti
 python tests/trainer_subprocess.py raise RUN_DIR [--catch]
 python tests/trainer_subprocess.py mirrored RUN_DIR --save-final FILE.npz
 python tests/trainer_subprocess.py hold RUN_DIR        # trains one epoch, then blocks in fit
+python tests/trainer_subprocess.py paced RUN_DIR       # each epoch waits for a follower's result
 """
 
 from __future__ import annotations
@@ -84,6 +85,47 @@ def hold(run_dir: str) -> None:
     model.fit(x, y, batch_size=32, epochs=5, verbose=0, callbacks=callbacks)
 
 
+PACED_EPOCHS = 2
+PACED_WAIT = 120.0  # seconds an epoch waits for the follower before training on
+
+
+def paced(run_dir: str) -> None:
+    """Trains build_model(); each epoch ends only once a follower has written the result of
+    its checkpoint (or after PACED_WAIT seconds): a slow epoch, as long as the follower
+    needs, so that the test shows evaluation during training without a fixed sleep."""
+    import time
+
+    import keras
+
+    from tests.conftest import build_model, make_data
+    from trueloss_replay import ReplayCheckpoint
+
+    results = Path(run_dir) / "replay" / "results"
+
+    def wait_for_result(epoch, logs):
+        deadline = time.monotonic() + PACED_WAIT
+        while not (results / f"e{epoch + 1:04d}.json").is_file():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.02)
+
+    x, y = make_data()
+    train, val = (x[:180], y[:180]), (x[180:], y[180:])
+    model = build_model()
+    callbacks = [
+        ReplayCheckpoint(run_dir, train_data=train, val_data=val),
+        keras.callbacks.LambdaCallback(on_epoch_end=wait_for_result),
+    ]
+    model.fit(
+        *train,
+        validation_data=val,
+        batch_size=32,
+        epochs=PACED_EPOCHS,
+        verbose=0,
+        callbacks=callbacks,
+    )
+
+
 def mirrored(run_dir: str, save_final: str) -> None:
     import tensorflow as tf
 
@@ -128,7 +170,7 @@ def mirrored(run_dir: str, save_final: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["crash", "raise", "mirrored", "hold"])
+    parser.add_argument("mode", choices=["crash", "raise", "mirrored", "hold", "paced"])
     parser.add_argument("run_dir")
     parser.add_argument("--catch", action="store_true")
     parser.add_argument("--save-final")
@@ -137,6 +179,8 @@ def main() -> None:
         crash(args.run_dir)
     elif args.mode == "hold":
         hold(args.run_dir)
+    elif args.mode == "paced":
+        paced(args.run_dir)
     elif args.mode == "raise":
         fail(args.run_dir, args.catch)
     else:

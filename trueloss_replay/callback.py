@@ -148,6 +148,8 @@ class ReplayCheckpoint(keras.callbacks.Callback):
         self._errors: list[str] = []
         self._manifest: dict[str, Any] = {}
         self._entries: dict[str, dict[str, Any]] = {}
+        # Checkpoints keep= removed, in the manifest: a follower lists those it missed.
+        self._pruned: list[str] = []
         self._started = False
         self._running = False
         self._active = True
@@ -284,7 +286,14 @@ class ReplayCheckpoint(keras.callbacks.Callback):
             if manifest_path.exists():  # overwrite=True: never touch a folder that is not a run
                 self._clear_previous()
             self._entries = {}
+            self._pruned = []
         else:
+            # Those of epochs this resume trains again will be written again.
+            self._pruned = [
+                n
+                for n in existing.get("pruned") or []
+                if (runfmt.parse_checkpoint_name(n) or (initial_epoch + 1,))[0] <= initial_epoch
+            ]
             kept = [
                 c
                 for c in runfmt.list_checkpoints(self.run_dir / runfmt.CHECKPOINT_DIR)
@@ -483,10 +492,13 @@ class ReplayCheckpoint(keras.callbacks.Callback):
         for name in doomed:
             runfmt.remove_path(self.run_dir / runfmt.CHECKPOINT_DIR / name)
             del self._entries[name]
+            self._pruned.append(name)
 
     def _write_manifest(self) -> None:
         with self._lock:
             self._manifest["checkpoints"] = sorted(self._entries.values(), key=_training_order)
+            if self._pruned or self.keep is not None:
+                self._manifest["pruned"] = list(self._pruned)
             path = self.run_dir / runfmt.MANIFEST
             runfmt.atomic_write_json(path, self._manifest)  # a RunWriteError names the path
 

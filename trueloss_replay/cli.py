@@ -535,8 +535,49 @@ def _epochs_option(value: str | None):
         raise click.BadParameter(str(e).split(": ", 1)[-1]) from e
 
 
+def _follow_option(ctx, param, value: bool) -> bool:
+    # Eager, so that it runs before --devices starts the devices: after that, JAX and
+    # TensorFlow would keep the GPU memory they took.
+    if value:
+        from trueloss_replay.backends import share_device_memory
+
+        share_device_memory()
+    return value
+
+
 @main.command()
-@click.argument("run_dir", type=_RUN_DIR)
+@click.argument("run_dir", type=_FOLDER)
+@click.option(
+    "--follow",
+    is_flag=True,
+    is_eager=True,
+    callback=_follow_option,
+    help="Follow a run while it trains: evaluate each checkpoint as it lands, until the "
+    "manifest says finished (exit 0) or failed (exit 1).",
+)
+@click.option(
+    "--poll",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="SECONDS",
+    help="With --follow: seconds between two looks at the run folder (default 2).",
+)
+@click.option(
+    "--idle-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="SECONDS",
+    help="With --follow: exit 1 after this long without a new checkpoint (default: wait).",
+)
+@click.option(
+    "--logdir",
+    type=_FOLDER,
+    default=None,
+    help="Also write the true curves as TensorBoard scalars there (with --follow, after "
+    "each checkpoint).",
+)
+@click.option("--tensorboard", "logdir_alias", type=_FOLDER, default=None, hidden=True)
+@click.option("--no-plot", is_flag=True, help="With --follow: do not rewrite curves.png.")
 @_data_options
 @click.option(
     "--batch-size", type=click.IntRange(min=1), help="Evaluation batch size (default 2048)."
@@ -569,6 +610,12 @@ def _epochs_option(value: str | None):
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def replay(
     run_dir: Path,
+    follow: bool,
+    poll: float | None,
+    idle_timeout: float | None,
+    logdir: Path | None,
+    logdir_alias: Path | None,
+    no_plot: bool,
     data: str | None,
     train: Path | None,
     val: Path | None,
@@ -589,15 +636,59 @@ def replay(
     Results go to RUN_DIR/replay/results (one JSON per checkpoint), the History to
     RUN_DIR/replay/history.csv and history.json. A rerun skips finished checkpoints.
 
+    With --follow, RUN_DIR may be a run still training (or not started yet): each checkpoint
+    is evaluated as it lands, and history.csv, history.json, curves.png (and --logdir) are
+    rewritten after each. Exit 0 when the training finished, 1 when it failed or after
+    --idle-timeout, 130 on Ctrl-C (every result written is kept).
+
     \b
     Example:
         trueloss-replay replay runs/exp1
         trueloss-replay replay runs/exp1 --data my_project.data:load --devices 0,1
         trueloss-replay replay runs/exp1 --epochs 10-20 --batch-size 4096 --force
+        trueloss-replay replay runs/exp1 --follow --idle-timeout 3600 --logdir logs/exp1
     """
     from trueloss_replay.errors import ReplayIncompleteError
     from trueloss_replay.scheduler import replay as run_replay
 
+    if logdir is not None and logdir_alias is not None and logdir != logdir_alias:
+        raise click.UsageError("--tensorboard is another name for --logdir; give one of them.")
+    logdir = logdir or logdir_alias
+    if follow:
+        if data_major:
+            raise click.UsageError(
+                "--data-major groups checkpoints that are all there; --follow evaluates each "
+                "as it lands. Give one of them."
+            )
+        _follow(
+            run_dir,
+            poll=poll,
+            idle_timeout=idle_timeout,
+            logdir=logdir,
+            plot=not no_plot,
+            no_progress=no_progress,
+            data=data,
+            train=train,
+            val=val,
+            batch_size=batch_size,
+            devices=devices,
+            epochs=epochs,
+            force=force,
+            output=output,
+            unsafe_deserialization=unsafe_deserialization,
+            model=model_ref,
+            imports=imports,
+            trust_data_factory=trust_data_factory,
+        )
+        return
+    for flag, value in (("--poll", poll), ("--idle-timeout", idle_timeout), ("--no-plot", no_plot)):
+        if value:
+            raise click.UsageError(f"{flag} only applies with --follow.")
+    if not run_dir.is_dir():
+        raise click.BadParameter(
+            f"Directory {str(run_dir)!r} does not exist (with --follow it may not exist yet).",
+            param_hint="'RUN_DIR'",
+        )
     try:
         history = run_replay(
             run_dir,
@@ -619,8 +710,89 @@ def replay(
     except ReplayIncompleteError as e:
         if e.history.epoch:
             _print(_summary_table(e.history, f"true loss of {run_dir} (incomplete)"))
+        if logdir is not None and e.history.epoch:
+            _export_tensorboard(run_dir, logdir, output)
         raise
     _print(_summary_table(history, f"true loss of {run_dir}"))
+    if logdir is not None:
+        _export_tensorboard(run_dir, logdir, output)
+
+
+def _export_tensorboard(run_dir: Path, logdir: Path, output: Path | None) -> None:
+    from trueloss_replay.tensorboard import export_tensorboard
+
+    click.echo(f"wrote {export_tensorboard(run_dir, logdir, output)}")
+
+
+class _FollowLog:
+    """The follower's progress hooks as one line per event: a follower's output is a log."""
+
+    def waiting(self, manifest_path) -> None:
+        click.echo(f"waiting for {manifest_path} (start the training) ...")
+
+    def checkpoint_done(self, result, reused: bool) -> None:
+        figures = [
+            f"{key} {_number(value)}"
+            for key, value in (
+                ("loss", (result.get("train") or {}).get("loss")),
+                ("val_loss", (result.get("val") or {}).get("loss")),
+            )
+            if value is not None
+        ]
+        how = "stored result reused" if reused else f"{float(result.get('seconds') or 0):.1f} s"
+        click.echo(f"{result['checkpoint']}: {', '.join(figures)} ({how})")
+
+    def checkpoint_failed(self, name: str, reason: str) -> None:
+        click.echo(f"{name}: cannot be evaluated: {' '.join(reason.split())}", err=True)
+
+    def checkpoint_missed(self, name: str, reason: str) -> None:
+        click.echo(f"{name}: missed, {reason}")
+
+
+def _follow(run_dir: Path, *, poll, idle_timeout, no_progress, **options) -> None:
+    from trueloss_replay.errors import ReplayIncompleteError
+    from trueloss_replay.follow import DEFAULT_POLL, follow
+    from trueloss_replay.run import RESULTS_DIR
+
+    folder = options["output"] or run_dir / RESULTS_DIR
+    try:
+        outcome = follow(
+            run_dir,
+            poll=DEFAULT_POLL if poll is None else poll,
+            idle_timeout=idle_timeout,
+            progress=None if no_progress else _FollowLog(),
+            **options,
+        )
+    except KeyboardInterrupt:
+        # Exit 130, as a shell reports a command stopped by SIGINT; no traceback.
+        click.echo(f"interrupted; every result written is kept in {folder}.", err=True)
+        sys.exit(130)
+    if outcome.history.epoch:
+        _print(_summary_table(outcome.history, f"true loss of {run_dir}"))
+    done = len(outcome.evaluated) + len(outcome.reused)
+    summary = f"{len(outcome.evaluated)} checkpoint(s) evaluated, {len(outcome.reused)} reused"
+    if outcome.missed:
+        summary += f"; missed {len(outcome.missed)}: {', '.join(outcome.missed)}"
+    if outcome.status == "finished":
+        click.echo(f"the training finished; {summary}.")
+    if outcome.failures:
+        raise ReplayIncompleteError(run_dir, outcome.failures, outcome.history, done)
+    if outcome.status == "failed":
+        raise click.ClickException(
+            f"the training of {run_dir} failed (its manifest says 'failed'); {summary}, "
+            f"results in {folder}."
+        )
+    if outcome.status == "idle" and not (run_dir / "manifest.json").is_file():
+        raise click.ClickException(
+            f"{run_dir} got no manifest.json in {idle_timeout:g} s (--idle-timeout): no "
+            "training with ReplayCheckpoint started there. Check the path."
+        )
+    if outcome.status == "idle":
+        raise click.ClickException(
+            f"no new checkpoint in {run_dir} for {idle_timeout:g} s (--idle-timeout) while "
+            f"its manifest says 'running': was the training process stopped? {summary}; "
+            "run the same command again to go on following."
+        )
 
 
 # --------------------------------------------------------------------------- explain

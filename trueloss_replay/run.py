@@ -21,7 +21,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -754,18 +754,21 @@ def resolve_inside(run_dir: Path, relative: str) -> Path:
     return candidate
 
 
-def list_checkpoints(folder: Path, epoch_end_only: bool = False) -> list[Checkpoint]:
+def list_checkpoints(
+    folder: Path, epoch_end_only: bool = False, exclude: Container[str] = ()
+) -> list[Checkpoint]:
     """Every complete checkpoint file in ``folder``, in training order.
 
     Temporary files of an interrupted write are ignored. A file that cannot be opened is
     listed with ``error`` set rather than raising, so one bad file does not hide the others.
+    Names in ``exclude`` are neither opened nor listed (a follower lists only what is new).
     """
     if not folder.is_dir():
         return []
     found = []
     for entry in os.scandir(folder):
         parsed = parse_checkpoint_name(entry.name)
-        if parsed is None or not entry.is_file():
+        if parsed is None or entry.name in exclude or not entry.is_file():
             continue
         if epoch_end_only and parsed[1] is not None:
             continue
@@ -973,6 +976,11 @@ _MANIFEST_FIELDS: tuple[tuple[str, Any, str], ...] = (
     ("save_freq", lambda v: v == "epoch" or (_is_int(v) and v > 0), "'epoch' or an integer"),
     ("variables", _is_signature, "a list of [path, shape, dtype] entries"),
     ("checkpoints", _is_checkpoint_list, 'a list of objects, each with a "name" string'),
+    (
+        "pruned",
+        lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
+        "a list of checkpoint file names",
+    ),
 )
 
 

@@ -11,6 +11,7 @@ where it stopped. The figures themselves come from ``engine.Evaluator``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import queue
@@ -288,9 +289,19 @@ def _evaluate_all(
     failures,
     progress,
     data_major=False,
+    replicas: dict[str, _Replica] | None = None,
 ) -> None:
-    """Spreads checkpoints over devices: one worker thread, one model replica per device."""
+    """Spreads checkpoints over devices: one worker thread, one model replica per device.
+
+    ``replicas`` keeps each device's evaluator (its model, staged data and compiled
+    programs) and batch size from one call to the next, as ``follow`` needs; without it every
+    call builds its own.
+
+    Ctrl-C (``KeyboardInterrupt``) empties the queue, waits for what the workers have taken
+    (whose results are written), then propagates; a second Ctrl-C stops waiting for them.
+    """
     backend = get_backend()
+    replicas = {} if replicas is None else replicas
 
     work: queue.Queue = queue.Queue()
     for c in todo:
@@ -320,9 +331,12 @@ def _evaluate_all(
         return _Context(evaluator, splits, batch, fingerprints, progress, done, failed)
 
     def worker(device: str) -> None:
+        replica = replicas.get(device)
         try:
-            with backend.device_scope(device):
-                evaluator = Evaluator(builder(), device, jit_compile)
+            if replica is None:
+                with backend.device_scope(device):
+                    replica = _Replica(Evaluator(builder(), device, jit_compile), batch)
+                replicas[device] = replica
         except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
             setup_errors.append(e)
             ready.abort()
@@ -331,22 +345,42 @@ def _evaluate_all(
             ready.wait()
         except threading.BrokenBarrierError:
             return
+        ctx = context(replica.evaluator)
+        ctx.batch = replica.batch  # as an earlier call left it (halved on out-of-memory)
         try:
-            group = _group_size(evaluator.model, data_major, share)
+            group = _group_size(replica.evaluator.model, data_major, share)
             if group > 1:
-                _data_major_loop(context(evaluator), work, group)
+                _data_major_loop(ctx, work, group)
             else:
-                _checkpoint_major_loop(context(evaluator), work)
+                _checkpoint_major_loop(ctx, work)
         except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
             setup_errors.append(e)
+        finally:
+            replica.batch = ctx.batch
 
     threads = [threading.Thread(target=worker, args=(d,), daemon=True) for d in device_names]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.join()
+    except KeyboardInterrupt:
+        # Nothing new is taken; what each worker is evaluating finishes and is written.
+        while _take(work) is not None:
+            pass
+        for t in threads:
+            t.join()
+        raise
     if setup_errors:
         raise setup_errors[0]
+
+
+@dataclasses.dataclass
+class _Replica:
+    """A device's evaluator and the batch size it evaluates array data at."""
+
+    evaluator: Evaluator
+    batch: int
 
 
 class _Context:

@@ -43,6 +43,30 @@ def get_backend(name: str | None = None) -> ModuleType:
     return importlib.import_module(f"trueloss_replay.backends.{name}_backend")
 
 
+def share_device_memory() -> bool:
+    """Lets this process share its GPUs with another one (a training process it follows).
+
+    By default JAX takes 75% of each GPU's memory when it starts its devices, and TensorFlow
+    nearly all of it; a follower beside a training process would starve it. JAX gets
+    ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` (unless the variable is set already: the user's
+    value wins), which it reads when it first starts its devices; TensorFlow gets memory
+    growth on every GPU, which must be set before it starts them. Both then take memory as
+    programs need it. Without a GPU nothing changes.
+
+    Returns:
+        True when the setting is in effect; False when the backend had already started its
+        devices without it (with a warning when it has a GPU).
+
+    Raises:
+        BackendError: the backend is not TensorFlow or JAX.
+
+    Example:
+        >>> share_device_memory()  # before anything starts the devices
+        True
+    """
+    return get_backend().share_device_memory()
+
+
 def resolve_devices(spec: str = "auto") -> list[str]:
     """Device names of the current backend for ``devices``.
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,6 +23,41 @@ def version() -> str:
     import jax
 
     return jax.__version__
+
+
+PREALLOCATE = "XLA_PYTHON_CLIENT_PREALLOCATE"
+
+
+def share_device_memory() -> bool:
+    """``XLA_PYTHON_CLIENT_PREALLOCATE=false`` unless set: JAX reads it when it creates its
+    GPU client, i.e. when something first asks for a device (importing JAX does not).
+
+    Returns:
+        False when JAX had already started its devices with preallocation on.
+    """
+    was_set = os.environ.get(PREALLOCATE)
+    os.environ.setdefault(PREALLOCATE, "false")
+    if not _started() or was_set in ("false", "False", "0"):
+        return True
+    import jax
+
+    if any(d.platform == "gpu" for d in jax.devices()):
+        warnings.warn(
+            f"trueloss-replay: JAX had started its GPUs before following began, so it may "
+            f"hold most of their memory; a training process on the same GPU can run out. Set "
+            f"{PREALLOCATE}=false before JAX starts (before the first jax.devices() call).",
+            stacklevel=3,
+        )
+    return False
+
+
+def _started() -> bool:
+    """Whether JAX has created its device clients (after which the variable is not read)."""
+    try:
+        from jax._src.xla_bridge import backends_are_initialized
+    except ImportError:  # a JAX without it: assume the worst
+        return True
+    return backends_are_initialized()
 
 
 @functools.cache

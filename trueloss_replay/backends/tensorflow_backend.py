@@ -8,6 +8,7 @@ already on the device run without a Python call per batch.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,6 +20,32 @@ def version() -> str:
     import tensorflow as tf
 
     return tf.__version__
+
+
+def share_device_memory() -> bool:
+    """Memory growth on every GPU: TensorFlow then takes memory as it needs it, not all of it.
+
+    Returns:
+        False when TensorFlow had already started a GPU without memory growth.
+    """
+    import tensorflow as tf
+
+    fixed = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # its devices are started: the setting can no longer change
+            if not tf.config.experimental.get_memory_growth(gpu):
+                fixed.append(gpu.name)
+    if fixed:
+        warnings.warn(
+            f"trueloss-replay: TensorFlow had started {', '.join(fixed)} before following "
+            "began, so it may hold most of their memory; a training process on the same GPU "
+            "can run out. Call tf.config.experimental.set_memory_growth(gpu, True) before "
+            "TensorFlow starts its GPUs, or set TF_FORCE_GPU_ALLOW_GROWTH=true.",
+            stacklevel=3,
+        )
+    return not fixed
 
 
 def list_devices() -> tuple[list[str], list[str]]:
