@@ -412,7 +412,7 @@ def test_run_folder_given_as_a_url_is_refused(command, tmp_path, monkeypatch):
 
 
 def test_results_folder_given_as_a_url_is_refused(replayed_run):
-    result = invoke("history", replayed_run, "--output", "s3://bucket/results")
+    result = invoke("history", replayed_run, "--results", "s3://bucket/results")
 
     assert result.exit_code == 2
     assert "'s3://bucket/results' is a URL" in " ".join(result.output.split())

@@ -31,8 +31,8 @@ from hypothesis import strategies as st
 
 from trueloss_replay.cli import main
 from trueloss_replay.errors import TruelossReplayError
-from trueloss_replay.history import load_history, read_result
-from trueloss_replay.run import Run, list_checkpoints, read_manifest, read_weights
+from trueloss_replay.history import load_history
+from trueloss_replay.run import Run, list_checkpoints, read_manifest, read_result, read_weights
 
 MAX_EXAMPLES = 450
 

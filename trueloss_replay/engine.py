@@ -70,7 +70,7 @@ DEVICE_CACHE_BYTES = 2 * 1024**3
 
 
 def import_modules(modules: Iterable[str]) -> None:
-    """Imports modules that register custom layers, losses or metrics (``--import``)."""
+    """Imports modules that register custom layers, losses or metrics (``imports=``)."""
     modules = list(modules)
     cwd = put_cwd_on_path() if modules else None
     for name in modules:
@@ -78,8 +78,9 @@ def import_modules(modules: Iterable[str]) -> None:
             importlib.import_module(name)
         except ImportError as e:
             raise ModelLoadError(
-                f"cannot import module {name!r} given with --import ({e}); searched the "
-                f"current directory {cwd} and the Python path."
+                f"cannot import module {name!r} given in imports= ({e}); searched the "
+                f"current directory {cwd} and the Python path.",
+                argument="imports",
             ) from e
 
 
@@ -99,12 +100,13 @@ def load_model(run: runfmt.Run, builder: Callable | str | None = None, unsafe: b
     import keras
 
     if builder is not None:
+        name = builder if isinstance(builder, str) else _callable_name(builder)
         if isinstance(builder, str):
             try:
-                builder = import_reference(builder, "--model")
+                builder = import_reference(builder, "model")
             except DataError as e:
-                raise ModelLoadError(str(e)) from e
-        model = builder()
+                raise ModelLoadError(str(e), usage=e.usage, argument="model") from e
+        model = _build(builder, name)
         if not getattr(model, "compiled", False):
             config = run.manifest.get("compile")
             if not config:
@@ -118,10 +120,13 @@ def load_model(run: runfmt.Run, builder: Callable | str | None = None, unsafe: b
     if path is None:
         raise ModelLoadError(
             f"run {run.path} has no saved architecture (the model could not be serialized); "
-            "pass a builder: --model MODULE:FUNCTION returning the model."
+            "pass a builder: model='module:function' returning the model.",
+            path=run.path,
         )
     if not path.is_file():
-        raise ModelLoadError(f"{path} is missing; pass --model MODULE:FUNCTION instead.")
+        raise ModelLoadError(
+            f"{path} is missing; pass a builder instead: model='module:function'.", path=path
+        )
     config = run.manifest.get("compile") or {}
     try:
         # compile=False, then the manifest's compile config: the optimizer's saved state is
@@ -130,12 +135,41 @@ def load_model(run: runfmt.Run, builder: Callable | str | None = None, unsafe: b
         if config:
             model.compile_from_config(config)
     except Exception as e:  # noqa: BLE001 - Keras raises bare ValueError/TypeError here
-        raise ModelLoadError(_explain_load_error(path, e)) from e
+        raise ModelLoadError(_explain_load_error(path, e), path=path) from e
     if not config.get("loss") and not overrides_compute_loss(model):
         raise ModelLoadError(
             f"{run.path / runfmt.MANIFEST} records no compiled loss (the model was compiled "
             "without one) and the model does not override compute_loss; there is no loss "
             "to replay."
+        )
+    return model
+
+
+def _callable_name(builder: Any) -> str:
+    module = getattr(builder, "__module__", None)
+    name = getattr(builder, "__qualname__", None) or type(builder).__name__
+    return f"{module}:{name}" if module else name
+
+
+def _build(builder: Callable, name: str):
+    """Calls the user's model builder; what it raises or returns wrong is named as its own."""
+    import keras
+
+    try:
+        model = builder()
+    except Exception as e:  # noqa: BLE001 - the user's code: any failure is the builder's
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise ModelLoadError(
+            f"the model builder {name} (model=) raised {type(e).__name__}"
+            + (f": {first}" if first else "")
+            + ". Fix the builder, or pass another.",
+            argument="model",
+        ) from e
+    if not isinstance(model, keras.Model):
+        raise ModelLoadError(
+            f"the model builder {name} (model=) returned {type(model).__name__}, not a "
+            "keras.Model; it must return the model.",
+            argument="model",
         )
     return model
 
@@ -147,20 +181,20 @@ def _explain_load_error(path: Path, error: Exception) -> str:
     if path.is_file() and not zipfile.is_zipfile(path):
         return (
             f"{path} is not a valid .keras archive (not a zip file); it is damaged. Copy "
-            "model.keras again from where the run was trained, or pass --model "
-            "MODULE:FUNCTION to build the model instead."
+            "model.keras again from where the run was trained, or pass a builder as "
+            "model='module:function' instead."
         )
     text = str(error)
     if "safe_mode" in text or "unsafe" in text.lower():
         return (
             f"{path} contains a layer that can run arbitrary code (e.g. Lambda); loading it "
-            "needs --unsafe-deserialization (only for run folders you trust)."
+            "needs unsafe_deserialization=True (only for run folders you trust)."
         )
     missing = _unregistered_objects(path)
     if missing:
         return (
             f"{path} uses the custom object {missing[0]!r}, which is not registered in this "
-            "process; pass --import MODULE for the module that defines it (decorated with "
+            "process; pass the module that defines it with imports= (decorated with "
             "@keras.saving.register_keras_serializable)."
         )
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
