@@ -91,7 +91,8 @@ def command_line_text(text: str, flags: Mapping[str, str]) -> str:
         value_follows = following and following not in " \t\n),.;:"
         return flags[match.group(1)] + (" " if value_follows else "")
 
-    translated = re.sub(rf"(?<![\w(.\-/])({names})=(True\b)?", flag, text)
+    # Not an argument of a call written out (ReplayCheckpoint(data=...)) nor part of a name.
+    translated = re.sub(rf"(?<![\w.\-/])(?<!\w\()({names})=(True\b)?", flag, text)
     return " ".join(translated.split())
 
 
@@ -172,10 +173,11 @@ def _incomplete(
         parts.append(f"{len(failed)} checkpoint(s) of {run_path} could not be {verb}: {names}")
     if unwritten:
         names = ", ".join(f"{p} ({_one_line(r)})" for p, r in unwritten.items())
-        parts.append(f"{len(unwritten)} result(s) could not be written: {names}")
+        parts.append(f"could not write {len(unwritten)} result file(s): {names}")
     if not failed and unwritten:
-        parts[0] = f"of the checkpoints of {run_path}, {parts[0]}"
-    text = "; ".join(parts) + f". The other {done} checkpoint(s) were {verb}."
+        parts[0] = f"{run_path}: {parts[0]}"
+    stored = " and stored" if unwritten else ""
+    text = "; ".join(parts) + f". The other {done} checkpoint(s) were {verb}{stored}."
     if export is not None:
         text += f" Writing the History files failed too: {_one_line(export)}"
     return text
