@@ -228,3 +228,55 @@ def test_a_huge_declared_shape_is_refused_without_allocating(run_copy, shape, co
         tracemalloc.stop()
     assert time.monotonic() - start < 30
     assert peak < 256 * 2**20, f"the readers allocated {peak:,} bytes"
+
+
+def _gzip_zeros(path: Path, shape=(2**15, 2**15), chunks=(2**11, 2**11)) -> str:
+    """Replaces a checkpoint's first variable by a gzip variable of zeros, every chunk written
+    (4 GiB declared in 4 MiB: each 16 MiB chunk deflates to 16 KiB). Returns its name."""
+    import zlib
+
+    deflate = zlib.compressobj(6)  # HDF5's gzip filter stores zlib streams
+    zeros = bytes(2**20)
+    chunk = b"".join(deflate.compress(zeros) for _ in range(chunks[0] * chunks[1] * 4 // 2**20))
+    chunk += deflate.flush()
+    with h5py.File(path, "r+") as f:
+        names = []
+        f["weights"].visititems(
+            lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None
+        )
+        attrs = dict(f["weights"][names[0]].attrs)
+        del f["weights"][names[0]]
+        dataset = f["weights"].create_dataset(
+            names[0], shape=shape, dtype="float32", chunks=chunks, compression="gzip"
+        )
+        dataset.attrs.update(attrs)
+        for i in range(0, shape[0], chunks[0]):
+            for j in range(0, shape[1], chunks[1]):
+                dataset.id.write_direct_chunk((i, j), chunk)
+    return names[0]
+
+
+def test_a_fully_written_compressed_variable_without_a_signature_is_refused(run_copy):
+    path = run_copy / "checkpoints" / "e0001.h5"
+    name = _gzip_zeros(path)
+    assert path.stat().st_size < 8 * 2**20
+    manifest = json.loads((run_copy / "manifest.json").read_text())
+    manifest.pop("variables")  # no model signature to check the variable against
+    (run_copy / "manifest.json").write_text(json.dumps(manifest))
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(TruelossReplayError) as caught:
+            read_weights(path)
+        result = CliRunner().invoke(main, ["inspect", str(run_copy), "--verify"])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    message = str(caught.value)
+    assert f"checkpoint {path}: variable {name!r} declares shape (32768, 32768)" in message
+    assert "no model signature" in message and "at most 256 MiB" in message
+    assert caught.value.path == path and caught.value.checkpoint == "e0001.h5"
+    assert result.exit_code == 1
+    assert f"e0001.h5: checkpoint {path}: variable {name!r}" in " ".join(result.output.split())
+    assert peak < 256 * 2**20, f"the readers allocated {peak:,} bytes"

@@ -315,3 +315,18 @@ def test_license_file_is_the_declared_licence():
     text = (root / "LICENSE").read_text()
     assert "Apache License" in text and "Version 2.0, January 2004" in text
     assert "END OF TERMS AND CONDITIONS" in text
+
+
+def test_a_small_compressed_variable_without_a_signature_is_read(tmp_path):
+    # Below the cap on expansion: a foreign gzip checkpoint of a real size still reads.
+    path = tmp_path / "e0001.h5"
+    write_checkpoint(path, [("dense/kernel", np.zeros((4, 3), "float32"))], epoch=1, step=1, time=0)
+    zeros = np.zeros((1024, 1024), "float32")  # 4 MiB declared, a few KiB stored
+    with h5py.File(path, "r+") as f:
+        del f["weights/dense/kernel"]
+        f["weights"].create_dataset("dense/kernel", data=zeros, compression="gzip")
+
+    weights = read_weights(path)
+
+    assert path.stat().st_size < 2**20
+    np.testing.assert_array_equal(weights["dense/kernel"], zeros)
