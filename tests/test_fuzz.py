@@ -5,10 +5,12 @@ manifest and a result file (a field replaced by another JSON value or removed, t
 truncated) and a checkpoint (HDF5 attributes, a variable's shape or dtype, a variable
 removed, the bytes truncated). Each mutated folder goes through the readers and through
 ``history`` and ``inspect --verify`` in-process. Every outcome must be success or a
-``TruelossReplayError``; anything else is a bug. ``replay`` (model evaluation) is left out:
-too slow for a fuzz loop, and it reads through the same readers.
+``TruelossReplayError``; anything else is a bug. ``replay()`` runs on fewer damaged copies
+(``REPLAY_EXAMPLES``), in-process with one shared model: every outcome is a History whose
+replayed epochs hold Keras' own figures, or a ``TruelossReplayError``.
 
-MAX_EXAMPLES = 450 examples: the file takes about 60 s on a 2-core CPU. Declared shapes of
+MAX_EXAMPLES = 450 examples of the readers (about 60 s on a 2-core CPU) and REPLAY_EXAMPLES =
+10 replays (about 17 s). Declared shapes of
 hundreds of GiB are exercised on their own below, with a bound on the memory the readers
 allocate.
 """
@@ -29,10 +31,12 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import EPOCHS, build_model
 from trueloss_replay.cli import main
-from trueloss_replay.errors import TruelossReplayError
+from trueloss_replay.errors import ReplayIncompleteError, TruelossReplayError
 from trueloss_replay.history import load_history
 from trueloss_replay.run import Run, list_checkpoints, read_manifest, read_result, read_weights
+from trueloss_replay.scheduler import replay
 
 MAX_EXAMPLES = 450
 
@@ -191,6 +195,78 @@ def test_damaged_run_folders_fail_only_with_library_errors(replayed_run, data):
             checkpoints = sorted((folder / "checkpoints").glob("*.h5"))
             _mutate_checkpoint(data, data.draw(st.sampled_from(checkpoints), label="file"))
         _read_everything(folder)
+
+
+# --------------------------------------------------------------------------- replay in-process
+
+#: Examples of the replay fuzz: each replays a damaged copy of the run in-process (about 2 s
+#: each on a 2-core CPU, with one model and the data shared by all of them).
+REPLAY_EXAMPLES = 10
+
+
+@pytest.fixture(scope="module")
+def shared_model():
+    """One compiled model of the run's architecture, handed to every fuzzed replay."""
+    model = build_model()
+    return lambda: model
+
+
+def _expected_or_failed(history, failed: set[str], damaged: set[str], replay_results) -> None:
+    """Every epoch whose checkpoint was replayed has Keras' own figures, damaged or not:
+    a damaged file is either refused or holds the same weights."""
+    for epoch in range(1, EPOCHS + 1):
+        name = f"e{epoch:04d}.h5"
+        if name in failed:
+            continue
+        expected = replay_results[name]
+        for key, split in (("loss", "train"), ("val_loss", "val")):
+            got = history.history[key][epoch - 1]
+            assert got == pytest.approx(expected[split]["loss"], rel=1e-4, abs=1e-6), (
+                name,
+                key,
+                name in damaged,
+            )
+
+
+@settings(
+    max_examples=REPLAY_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_replay_of_a_damaged_run_is_correct_or_a_library_error(
+    replayed_run, trained_run, replay_results, shared_model, data
+):
+    target = data.draw(st.sampled_from(["manifest", "result", "checkpoint"]), label="target")
+    damaged: set[str] = set()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "run"
+        shutil.copytree(replayed_run, folder)
+        if target == "manifest":
+            _mutate_json(data, folder / "manifest.json")
+        elif target == "result":
+            results = sorted((folder / "replay" / "results").glob("*.json"))
+            _mutate_json(data, data.draw(st.sampled_from(results), label="result"))
+        else:
+            checkpoints = sorted((folder / "checkpoints").glob("*.h5"))
+            checkpoint = data.draw(st.sampled_from(checkpoints), label="file")
+            _mutate_checkpoint(data, checkpoint)
+            damaged.add(checkpoint.name)
+        try:
+            history = replay(
+                folder,
+                model=shared_model,
+                train=trained_run.train,
+                val=trained_run.val,
+                jit_compile=False,
+            )
+            failed: set[str] = set()
+        except ReplayIncompleteError as e:
+            history, failed = e.history, set(e.failures)
+            assert failed <= damaged or target == "manifest", e.failures
+        except TruelossReplayError:
+            return
+        _expected_or_failed(history, failed, damaged, replay_results)
 
 
 # 4 GiB fits this machine's memory, so reading it would not fail fast; 64 GiB does not.
