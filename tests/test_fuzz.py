@@ -17,6 +17,7 @@ allocate.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -141,6 +142,24 @@ def _mutate_checkpoint(data, path: Path) -> None:
         created.attrs.update(attrs)
 
 
+def _damaged_copy(data, run_dir: Path, tmp: Path) -> tuple[Path, str, set[str]]:
+    """A copy of ``run_dir`` in ``tmp`` with its manifest, a result file or a checkpoint
+    damaged; returns the copy, which kind of file, and the checkpoint damaged (if one was)."""
+    target = data.draw(st.sampled_from(["manifest", "result", "checkpoint"]), label="target")
+    folder = tmp / "run"
+    shutil.copytree(run_dir, folder)
+    if target == "manifest":
+        _mutate_json(data, folder / "manifest.json")
+    elif target == "result":
+        results = sorted((folder / "replay" / "results").glob("*.json"))
+        _mutate_json(data, data.draw(st.sampled_from(results), label="result"))
+    else:
+        checkpoint = data.draw(st.sampled_from(sorted((folder / "checkpoints").glob("*.h5"))))
+        _mutate_checkpoint(data, checkpoint)
+        return folder, target, {checkpoint.name}
+    return folder, target, set()
+
+
 def _allowed(call) -> None:
     try:
         call()
@@ -182,18 +201,8 @@ def _read_everything(folder: Path) -> None:
 )
 @given(data=st.data())
 def test_damaged_run_folders_fail_only_with_library_errors(replayed_run, data):
-    target = data.draw(st.sampled_from(["manifest", "result", "checkpoint"]), label="target")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "run"
-        shutil.copytree(replayed_run, folder)
-        if target == "manifest":
-            _mutate_json(data, folder / "manifest.json")
-        elif target == "result":
-            results = sorted((folder / "replay" / "results").glob("*.json"))
-            _mutate_json(data, data.draw(st.sampled_from(results), label="result"))
-        else:
-            checkpoints = sorted((folder / "checkpoints").glob("*.h5"))
-            _mutate_checkpoint(data, data.draw(st.sampled_from(checkpoints), label="file"))
+        folder, _, _ = _damaged_copy(data, replayed_run, Path(tmp))
         _read_everything(folder)
 
 
@@ -237,21 +246,8 @@ def _expected_or_failed(history, failed: set[str], damaged: set[str], replay_res
 def test_replay_of_a_damaged_run_is_correct_or_a_library_error(
     replayed_run, trained_run, replay_results, shared_model, data
 ):
-    target = data.draw(st.sampled_from(["manifest", "result", "checkpoint"]), label="target")
-    damaged: set[str] = set()
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "run"
-        shutil.copytree(replayed_run, folder)
-        if target == "manifest":
-            _mutate_json(data, folder / "manifest.json")
-        elif target == "result":
-            results = sorted((folder / "replay" / "results").glob("*.json"))
-            _mutate_json(data, data.draw(st.sampled_from(results), label="result"))
-        else:
-            checkpoints = sorted((folder / "checkpoints").glob("*.h5"))
-            checkpoint = data.draw(st.sampled_from(checkpoints), label="file")
-            _mutate_checkpoint(data, checkpoint)
-            damaged.add(checkpoint.name)
+        folder, target, damaged = _damaged_copy(data, replayed_run, Path(tmp))
         try:
             history = replay(
                 folder,
@@ -269,6 +265,27 @@ def test_replay_of_a_damaged_run_is_correct_or_a_library_error(
         _expected_or_failed(history, failed, damaged, replay_results)
 
 
+@contextlib.contextmanager
+def _first_variable_replaced(path: Path, **options):
+    """Yields a new dataset in place of a checkpoint's first variable (same name and attrs)."""
+    with h5py.File(path, "r+") as f:
+        names = []
+        f["weights"].visititems(
+            lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None
+        )
+        attrs = dict(f["weights"][names[0]].attrs)
+        del f["weights"][names[0]]
+        dataset = f["weights"].create_dataset(names[0], **options)
+        dataset.attrs.update(attrs)
+        yield dataset
+
+
+def _forget_signature(run_dir: Path) -> None:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest.pop("variables")
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
 # 4 GiB fits this machine's memory, so reading it would not fail fast; 64 GiB does not.
 HUGE = [(2**15, 2**15), (2**17, 2**17)]
 
@@ -278,20 +295,11 @@ HUGE = [(2**15, 2**15), (2**17, 2**17)]
 @pytest.mark.parametrize("recorded", [True, False], ids=["with-signature", "no-signature"])
 def test_a_huge_declared_shape_is_refused_without_allocating(run_copy, shape, compressed, recorded):
     path = run_copy / "checkpoints" / "e0001.h5"
-    with h5py.File(path, "r+") as f:
-        names = []
-        f["weights"].visititems(
-            lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None
-        )
-        attrs = dict(f["weights"][names[0]].attrs)
-        del f["weights"][names[0]]
-        options = {"compression": "gzip", "chunks": (1024, 1024)} if compressed else {}
-        f["weights"].create_dataset(names[0], shape=shape, dtype="float32", **options)
-        f["weights"][names[0]].attrs.update(attrs)
+    options = {"compression": "gzip", "chunks": (1024, 1024)} if compressed else {}
+    with _first_variable_replaced(path, shape=shape, dtype="float32", **options):
+        pass
     if not recorded:
-        manifest = json.loads((run_copy / "manifest.json").read_text())
-        manifest.pop("variables")
-        (run_copy / "manifest.json").write_text(json.dumps(manifest))
+        _forget_signature(run_copy)
 
     tracemalloc.start()
     start = time.monotonic()
@@ -315,30 +323,19 @@ def _gzip_zeros(path: Path, shape=(2**15, 2**15), chunks=(2**11, 2**11)) -> str:
     zeros = bytes(2**20)
     chunk = b"".join(deflate.compress(zeros) for _ in range(chunks[0] * chunks[1] * 4 // 2**20))
     chunk += deflate.flush()
-    with h5py.File(path, "r+") as f:
-        names = []
-        f["weights"].visititems(
-            lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None
-        )
-        attrs = dict(f["weights"][names[0]].attrs)
-        del f["weights"][names[0]]
-        dataset = f["weights"].create_dataset(
-            names[0], shape=shape, dtype="float32", chunks=chunks, compression="gzip"
-        )
-        dataset.attrs.update(attrs)
+    options = {"shape": shape, "dtype": "float32", "chunks": chunks, "compression": "gzip"}
+    with _first_variable_replaced(path, **options) as dataset:
         for i in range(0, shape[0], chunks[0]):
             for j in range(0, shape[1], chunks[1]):
                 dataset.id.write_direct_chunk((i, j), chunk)
-    return names[0]
+        return dataset.name.removeprefix("/weights/")
 
 
 def test_a_fully_written_compressed_variable_without_a_signature_is_refused(run_copy):
     path = run_copy / "checkpoints" / "e0001.h5"
     name = _gzip_zeros(path)
     assert path.stat().st_size < 8 * 2**20
-    manifest = json.loads((run_copy / "manifest.json").read_text())
-    manifest.pop("variables")  # no model signature to check the variable against
-    (run_copy / "manifest.json").write_text(json.dumps(manifest))
+    _forget_signature(run_copy)  # no model signature to check the variable against
 
     tracemalloc.start()
     try:
