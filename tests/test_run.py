@@ -330,3 +330,21 @@ def test_a_small_compressed_variable_without_a_signature_is_read(tmp_path):
 
     assert path.stat().st_size < 2**20
     np.testing.assert_array_equal(weights["dense/kernel"], zeros)
+
+
+def test_errors_name_the_file_in_fields_as_well_as_in_text(run_copy):
+    (run_copy / "checkpoints" / "e0002.h5").write_bytes(b"garbage")
+    manifest = run_copy / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "params": "many"}))
+
+    with pytest.raises(RunFormatError) as bad_manifest:
+        read_manifest(run_copy)
+    with pytest.raises(RunFormatError) as bad_checkpoint:
+        read_weights(run_copy / "checkpoints" / "e0002.h5")
+
+    assert bad_manifest.value.path == manifest and not bad_manifest.value.usage
+    assert bad_manifest.value.hint == "Copy it again from where the run was trained."
+    assert str(bad_manifest.value).endswith(bad_manifest.value.hint)
+    assert bad_checkpoint.value.checkpoint == "e0002.h5"
+    assert bad_checkpoint.value.path == run_copy / "checkpoints" / "e0002.h5"
+    assert "epochs=" in str(bad_checkpoint.value) and "--epochs" not in str(bad_checkpoint.value)

@@ -1016,25 +1016,29 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
     path = run_dir / MANIFEST
     if not run_dir.is_dir():
         raise RunFormatError(
-            f"run folder {run_dir} does not exist. Pass the folder given to ReplayCheckpoint."
+            f"run folder {run_dir} does not exist. Pass the folder given to ReplayCheckpoint.",
+            path=run_dir,
         )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise RunFormatError(
             f"{run_dir} has no {MANIFEST}; it is not a trueloss-replay run folder. Pass the "
-            "folder given to ReplayCheckpoint."
+            "folder given to ReplayCheckpoint.",
+            path=path,
         ) from e
     except (OSError, ValueError) as e:
         raise RunFormatError(
-            f"{path} cannot be read as JSON ({' '.join(str(e).split())}); the manifest is damaged."
+            f"{path} cannot be read as JSON ({' '.join(str(e).split())}); the manifest is damaged.",
+            path=path,
         ) from e
     if not isinstance(manifest, dict) or manifest.get("format") != RUN_FORMAT:
         raise RunFormatError(
             f"{path} is not a trueloss-replay manifest (format "
-            f"{manifest.get('format') if isinstance(manifest, dict) else None!r})."
+            f"{manifest.get('format') if isinstance(manifest, dict) else None!r}).",
+            path=path,
         )
-    check_version(manifest.get("version"), str(path))
+    check_version(manifest.get("version"), str(path), path=path)
     _check_manifest(manifest, path)
     return manifest
 
@@ -1141,7 +1145,9 @@ def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
         if value is not None and not check(value):
             raise RunFormatError(
                 f"{path}: field {name!r} must be {expected}, not {_described(value)}; the "
-                "manifest is damaged. Copy it again from where the run was trained."
+                "manifest is damaged.",
+                path=path,
+                hint="Copy it again from where the run was trained.",
             )
 
 
