@@ -425,7 +425,7 @@ def explain(
     train_split = splits["train"]
     batch = _training_batch_size(run, train_split, batch_size)
     device = device or resolve_devices("auto")[0]
-    results_dir = Path(output) if output is not None else run.results_dir
+    results_dir = runfmt.results_folder(run.path, output)
     checkpoints = [c for c in run.checkpoints(epoch_end_only=True) if c.epoch >= 1]
     if not checkpoints:
         raise RunFormatError(
