@@ -100,7 +100,7 @@ def replay_results(trained_run) -> dict[str, dict]:
     import warnings
 
     from trueloss_replay.data import load_arrays
-    from trueloss_replay.run import Run, load_weights
+    from trueloss_replay.run import Run, load_weights, make_result
 
     run = Run(trained_run.path)
     with warnings.catch_warnings():  # the optimizer's variables are not in model.keras
@@ -119,41 +119,35 @@ def replay_results(trained_run) -> dict[str, dict]:
                 "regularization_loss": penalty,
                 "accuracy": logs["accuracy"],
             }
-        results[checkpoint.name] = {
-            "format": "trueloss-replay/result",
-            "version": 1,
-            "checkpoint": checkpoint.name,
-            "epoch": checkpoint.epoch,
-            "step": checkpoint.step,
-            "epoch_end": checkpoint.is_epoch_end,
-            "checkpoint_time": checkpoint.time,
-            "train": figures["train"],
-            "val": figures["val"],
-            "reported": checkpoint.logs,
-            "examples": {name: len(arrays[0]) for name, arrays in splits.items()},
-            "data": {},
-            "batch_size": 2048,
-            "device": "/CPU:0",
-            "seconds": 0.0,
-            "evaluated": 0.0,
-        }
+        results[checkpoint.name] = make_result(
+            checkpoint,
+            train=figures["train"],
+            val=figures["val"],
+            examples={name: len(arrays[0]) for name, arrays in splits.items()},
+            data={},
+            batch_size=2048,
+            backend=keras.backend.backend(),
+            device="/CPU:0",
+            seconds=0.0,
+            evaluated=0.0,
+        )
     return results
 
 
 @pytest.fixture
 def replayed_run(run_copy, replay_results) -> Path:
     """A private copy of the shared run with a result file for every checkpoint."""
-    import json
+    from trueloss_replay.run import write_result
 
     folder = run_copy / "replay" / "results"
     folder.mkdir(parents=True)
-    for name, result in replay_results.items():
-        (folder / (Path(name).stem + ".json")).write_text(json.dumps(result), encoding="utf-8")
+    for result in replay_results.values():
+        write_result(folder, result)
     return run_copy
 
 
 def replay_in_subprocess(run_dir, output, env: dict[str, str]) -> subprocess.CompletedProcess:
-    """``trueloss-replay replay RUN_DIR --output OUTPUT`` as a real process, in ``env``."""
+    """``trueloss-replay replay RUN_DIR --results OUTPUT`` as a real process, in ``env``."""
     return subprocess.run(
         [
             sys.executable,
@@ -162,7 +156,7 @@ def replay_in_subprocess(run_dir, output, env: dict[str, str]) -> subprocess.Com
             "replay",
             str(run_dir),
             "--no-progress",
-            "--output",
+            "--results",
             str(output),
         ],
         env=env,

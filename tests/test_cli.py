@@ -434,7 +434,7 @@ def test_run_folder_given_as_a_url_is_refused(command, tmp_path, monkeypatch):
 
 
 def test_results_folder_given_as_a_url_is_refused(replayed_run):
-    result = invoke("history", replayed_run, "--output", "s3://bucket/results")
+    result = invoke("history", replayed_run, "--results", "s3://bucket/results")
 
     assert result.exit_code == 2
     assert "'s3://bucket/results' is a URL" in " ".join(result.output.split())
@@ -469,3 +469,151 @@ def test_recorded_stdlib_data_factory_needs_trust(run_copy):
     assert "--trust-data-factory" in one_line_error(refused)
     # Confirmed, it is called: os.getcwd returns a string, which is no data.
     assert "data factory os:getcwd returned str" in one_line_error(trusted)
+
+
+# --------------------------------------------------------------------------- option names
+
+
+@pytest.mark.parametrize("flag", ["-o", "--output"])
+def test_plot_output_is_the_figure_file(replayed_run, tmp_path, flag):
+    path = tmp_path / "curves.png"
+
+    result = invoke("plot", replayed_run, flag, path)
+
+    assert result.exit_code == 0, result.output
+    assert result.output == f"wrote {path}\n"
+    assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+@pytest.mark.parametrize("flag", ["--output", "--out"])
+def test_history_output_is_the_file_and_out_still_works(
+    replayed_run, replay_results, tmp_path, flag
+):
+    path = tmp_path / "true.csv"
+
+    result = invoke("history", replayed_run, flag, path)
+
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(path.read_text())))
+    assert [float(r["loss"]) for r in rows] == pytest.approx(
+        expected(replay_results, "train", "loss")
+    )
+
+
+@pytest.mark.parametrize(
+    ("command", "extra", "without", "with_results"),
+    [
+        ("history", [], "holds no replay results", "true-loss History"),
+        ("plot", [], "holds no replay results", "curves.png"),
+        ("inspect", [], "0 of 4 checkpoints", "4 of 4 checkpoints"),
+        ("export", ["--tensorboard", "LOGS"], "holds no replay results", "events.out.tfevents"),
+    ],
+)
+def test_results_names_the_results_folder_on_every_command(
+    replayed_run, tmp_path, command, extra, without, with_results
+):
+    moved = tmp_path / "elsewhere"
+    (replayed_run / "replay" / "results").rename(moved)
+    extra = [str(tmp_path / "logs") if a == "LOGS" else a for a in extra]
+
+    before = invoke(command, replayed_run, *extra)
+    after = invoke(command, replayed_run, *extra, "--results", moved)
+
+    assert without in " ".join(before.output.split())
+    assert after.exit_code == 0, after.output
+    assert with_results in " ".join(after.output.split())
+
+
+@pytest.mark.parametrize("command", [*COMMANDS, "replay", "explain"])
+def test_help_shows_one_meaning_per_option_name(command):
+    result = invoke(command, "--help")
+
+    assert result.exit_code == 0, result.output
+    assert "--results DIRECTORY" in result.output
+    assert "--out " not in result.output  # a hidden alias of -o/--output
+    if command in ("history", "plot"):
+        assert "-o, --output PATH" in result.output
+    else:
+        assert "--output" not in result.output  # replay's old --output DIR is hidden
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        (
+            "def build():\n    raise RuntimeError('no GPU here')\n",
+            "the model builder tlr_builder_raises:build (--model) raised RuntimeError: no GPU here",
+        ),
+        (
+            "def build():\n    return None\n",
+            "the model builder tlr_builder_none:build (--model) returned NoneType, not a "
+            "keras.Model",
+        ),
+    ],
+    ids=["raises", "returns-none"],
+)
+def test_a_model_builder_that_fails_is_named_on_one_line(
+    run_copy, tmp_path, monkeypatch, source, message
+):
+    module = "tlr_builder_raises" if "raise" in source else "tlr_builder_none"
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.chdir(tmp_path)
+
+    result = invoke("replay", run_copy, "--no-progress", "--model", f"{module}:build")
+
+    assert result.exit_code == 1
+    assert message in one_line_error(result)
+    assert not list((run_copy / "replay" / "results").glob("*.json"))
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("pass model='module:function'.", "pass --model 'module:function'."),
+        ("pass trust_data_factory=True; or data=", "pass --trust-data-factory; or --data"),
+        ("train= and val= (arrays)", "--train and --val (arrays)"),
+        ("the others with epochs=.", "the others with --epochs."),
+        ("results of output=", "results of --results"),
+        ("the builder (model=) raised", "the builder (--model) raised"),
+        # Not an argument of the command line: kept as written.
+        ("ReplayCheckpoint(data=...) or train_data=", "ReplayCheckpoint(data=...) or train_data="),
+    ],
+)
+def test_library_messages_are_shown_with_flags(text, shown):
+    from trueloss_replay.cli import FLAGS
+    from trueloss_replay.errors import command_line_text
+
+    assert command_line_text(text, FLAGS) == shown
+
+
+def _error_messages(path):
+    """The text of every string given to an ``...Error(...)`` call in a module."""
+    import ast
+
+    for node in ast.walk(ast.parse(path.read_text())):
+        name = getattr(node, "func", None)
+        name = getattr(name, "id", getattr(name, "attr", ""))
+        if isinstance(node, ast.Call) and name.endswith("Error"):
+            for part in ast.walk(node):
+                if isinstance(part, ast.Constant) and isinstance(part.value, str):
+                    yield part.value
+
+
+def test_library_error_messages_name_api_arguments_not_flags():
+    import re
+    from pathlib import Path
+
+    import trueloss_replay
+
+    package = Path(trueloss_replay.__file__).parent
+    flags = {
+        f"{path.relative_to(package)}: {text!r}"
+        for path in package.rglob("*.py")
+        if path.name != "cli.py"
+        for text in _error_messages(path)
+        if re.search(r"(?<![\w-])--[a-z]", text)
+    }
+    assert not flags

@@ -88,16 +88,16 @@ def test_unreadable_checkpoint_exits_1_after_evaluating_the_others(run_copy):
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "args, message, code",
     [
-        (["--data", "missing_module:load"], "cannot import module 'missing_module'"),
-        (["--data", "no colon"], "is not a 'module:function' reference"),
-        (["--import", "missing_module_2"], "cannot import module 'missing_module_2'"),
+        (["--data", "missing_module:load"], "cannot import module 'missing_module'", 1),
+        (["--data", "no colon"], "Invalid value for '--data': --data 'no colon' is not a", 2),
+        (["--import", "missing_module_2"], "given in --import", 1),
     ],
 )
-def test_bad_options_give_one_line_errors(run_copy, args, message):
+def test_bad_options_give_one_line_errors(run_copy, args, message, code):
     result = _invoke("replay", run_copy, "--no-progress", *args)
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == code, result.output
     assert message in result.output
     assert "Traceback" not in result.output
     assert not (run_copy / "replay" / "results").exists() or not list(
@@ -128,7 +128,7 @@ def test_model_builder_for_a_run_without_architecture(run_copy, tmp_path, monkey
     )
     monkeypatch.chdir(tmp_path)
     result = _invoke("replay", run_copy, "--no-progress")
-    assert result.exit_code == 1 and "--model MODULE:FUNCTION" in result.output
+    assert result.exit_code == 1 and "--model 'module:function'" in result.output
     result = _invoke("replay", run_copy, "--no-progress", "--model", "mybuilder:build")
     assert result.exit_code == 0, result.output
 
@@ -163,7 +163,7 @@ def test_import_finds_a_module_in_the_current_directory(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in (str(tmp_path), "")])
     result = _invoke("replay", "run", "--no-progress")
     assert result.exit_code == 1 and "'tlr_cli>Scale'" in result.output
-    assert "--import MODULE" in result.output
+    assert "pass the module that defines it with --import" in result.output
     result = _invoke("replay", "run", "--no-progress", "--import", "tlr_cli_custom")
     assert result.exit_code == 0, result.output
 

@@ -140,7 +140,7 @@ def test_custom_objects(tmp_path):
     # Without --import: exit 1, the missing object named, --import suggested.
     assert "--no-progress   (exit 1)" in stdout
     assert "'examples>ResidualDense'" in stdout
-    assert "pass --import MODULE" in stdout
+    assert "pass the module that defines it with --import" in stdout
     # With --import custom_objects: the summary table.
     assert "true loss of" in stdout
 

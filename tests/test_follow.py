@@ -18,8 +18,8 @@ from trueloss_replay import ReplayCheckpoint, Run, follow, replay
 from trueloss_replay.backends import share_device_memory
 from trueloss_replay.cli import main
 from trueloss_replay.follow import MISSED_REASON
-from trueloss_replay.history import read_json, read_result
-from trueloss_replay.run import atomic_write_json, read_manifest
+from trueloss_replay.history import read_json
+from trueloss_replay.run import atomic_write_json, read_manifest, read_result
 from trueloss_replay.tensorboard import export_tensorboard
 
 from .conftest import build_model, make_data

@@ -5,16 +5,19 @@ manifest and a result file (a field replaced by another JSON value or removed, t
 truncated) and a checkpoint (HDF5 attributes, a variable's shape or dtype, a variable
 removed, the bytes truncated). Each mutated folder goes through the readers and through
 ``history`` and ``inspect --verify`` in-process. Every outcome must be success or a
-``TruelossReplayError``; anything else is a bug. ``replay`` (model evaluation) is left out:
-too slow for a fuzz loop, and it reads through the same readers.
+``TruelossReplayError``; anything else is a bug. ``replay()`` runs on fewer damaged copies
+(``REPLAY_EXAMPLES``), in-process with one shared model: every outcome is a History whose
+replayed epochs hold Keras' own figures, or a ``TruelossReplayError``.
 
-MAX_EXAMPLES = 450 examples: the file takes about 60 s on a 2-core CPU. Declared shapes of
+MAX_EXAMPLES = 450 examples of the readers (about 60 s on a 2-core CPU) and REPLAY_EXAMPLES =
+20 replays (12-30 s, as loaded as the machine is). Declared shapes of
 hundreds of GiB are exercised on their own below, with a bound on the memory the readers
 allocate.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -29,10 +32,12 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import EPOCHS, build_model
 from trueloss_replay.cli import main
-from trueloss_replay.errors import TruelossReplayError
-from trueloss_replay.history import load_history, read_result
-from trueloss_replay.run import Run, list_checkpoints, read_manifest, read_weights
+from trueloss_replay.errors import ReplayIncompleteError, TruelossReplayError
+from trueloss_replay.history import load_history
+from trueloss_replay.run import Run, list_checkpoints, read_manifest, read_result, read_weights
+from trueloss_replay.scheduler import replay
 
 MAX_EXAMPLES = 450
 
@@ -137,6 +142,24 @@ def _mutate_checkpoint(data, path: Path) -> None:
         created.attrs.update(attrs)
 
 
+def _damaged_copy(data, run_dir: Path, tmp: Path) -> tuple[Path, str, set[str]]:
+    """A copy of ``run_dir`` in ``tmp`` with its manifest, a result file or a checkpoint
+    damaged; returns the copy, which kind of file, and the checkpoint damaged (if one was)."""
+    target = data.draw(st.sampled_from(["manifest", "result", "checkpoint"]), label="target")
+    folder = tmp / "run"
+    shutil.copytree(run_dir, folder)
+    if target == "manifest":
+        _mutate_json(data, folder / "manifest.json")
+    elif target == "result":
+        results = sorted((folder / "replay" / "results").glob("*.json"))
+        _mutate_json(data, data.draw(st.sampled_from(results), label="result"))
+    else:
+        checkpoint = data.draw(st.sampled_from(sorted((folder / "checkpoints").glob("*.h5"))))
+        _mutate_checkpoint(data, checkpoint)
+        return folder, target, {checkpoint.name}
+    return folder, target, set()
+
+
 def _allowed(call) -> None:
     try:
         call()
@@ -178,19 +201,89 @@ def _read_everything(folder: Path) -> None:
 )
 @given(data=st.data())
 def test_damaged_run_folders_fail_only_with_library_errors(replayed_run, data):
-    target = data.draw(st.sampled_from(["manifest", "result", "checkpoint"]), label="target")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "run"
-        shutil.copytree(replayed_run, folder)
-        if target == "manifest":
-            _mutate_json(data, folder / "manifest.json")
-        elif target == "result":
-            results = sorted((folder / "replay" / "results").glob("*.json"))
-            _mutate_json(data, data.draw(st.sampled_from(results), label="result"))
-        else:
-            checkpoints = sorted((folder / "checkpoints").glob("*.h5"))
-            _mutate_checkpoint(data, data.draw(st.sampled_from(checkpoints), label="file"))
+        folder, _, _ = _damaged_copy(data, replayed_run, Path(tmp))
         _read_everything(folder)
+
+
+# --------------------------------------------------------------------------- replay in-process
+
+#: Examples of the replay fuzz: each replays a damaged copy of the run in-process (0.3-1.7 s
+#: each on a 2-core CPU, with one model and the data shared by all of them).
+REPLAY_EXAMPLES = 20
+
+
+@pytest.fixture(scope="module")
+def shared_model():
+    """One compiled model of the run's architecture, handed to every fuzzed replay."""
+    model = build_model()
+    return lambda: model
+
+
+def _expected_or_failed(history, failed: set[str], damaged: set[str], replay_results) -> None:
+    """Every epoch whose checkpoint was replayed has Keras' own figures, damaged or not:
+    a damaged file is either refused or holds the same weights."""
+    for epoch in range(1, EPOCHS + 1):
+        name = f"e{epoch:04d}.h5"
+        if name in failed:
+            continue
+        expected = replay_results[name]
+        for key, split in (("loss", "train"), ("val_loss", "val")):
+            got = history.history[key][epoch - 1]
+            assert got == pytest.approx(expected[split]["loss"], rel=1e-4, abs=1e-6), (
+                name,
+                key,
+                name in damaged,
+            )
+
+
+@settings(
+    max_examples=REPLAY_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_replay_of_a_damaged_run_is_correct_or_a_library_error(
+    replayed_run, trained_run, replay_results, shared_model, data
+):
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, target, damaged = _damaged_copy(data, replayed_run, Path(tmp))
+        try:
+            history = replay(
+                folder,
+                model=shared_model,
+                train=trained_run.train,
+                val=trained_run.val,
+                jit_compile=False,
+            )
+            failed: set[str] = set()
+        except ReplayIncompleteError as e:
+            history, failed = e.history, set(e.failures)
+            assert failed <= damaged or target == "manifest", e.failures
+        except TruelossReplayError:
+            return
+        _expected_or_failed(history, failed, damaged, replay_results)
+
+
+@contextlib.contextmanager
+def _first_variable_replaced(path: Path, **options):
+    """Yields a new dataset in place of a checkpoint's first variable (same name and attrs)."""
+    with h5py.File(path, "r+") as f:
+        names = []
+        f["weights"].visititems(
+            lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None
+        )
+        attrs = dict(f["weights"][names[0]].attrs)
+        del f["weights"][names[0]]
+        dataset = f["weights"].create_dataset(names[0], **options)
+        dataset.attrs.update(attrs)
+        yield dataset
+
+
+def _forget_signature(run_dir: Path) -> None:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest.pop("variables")
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
 
 
 # 4 GiB fits this machine's memory, so reading it would not fail fast; 64 GiB does not.
@@ -202,20 +295,11 @@ HUGE = [(2**15, 2**15), (2**17, 2**17)]
 @pytest.mark.parametrize("recorded", [True, False], ids=["with-signature", "no-signature"])
 def test_a_huge_declared_shape_is_refused_without_allocating(run_copy, shape, compressed, recorded):
     path = run_copy / "checkpoints" / "e0001.h5"
-    with h5py.File(path, "r+") as f:
-        names = []
-        f["weights"].visititems(
-            lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None
-        )
-        attrs = dict(f["weights"][names[0]].attrs)
-        del f["weights"][names[0]]
-        options = {"compression": "gzip", "chunks": (1024, 1024)} if compressed else {}
-        f["weights"].create_dataset(names[0], shape=shape, dtype="float32", **options)
-        f["weights"][names[0]].attrs.update(attrs)
+    options = {"compression": "gzip", "chunks": (1024, 1024)} if compressed else {}
+    with _first_variable_replaced(path, shape=shape, dtype="float32", **options):
+        pass
     if not recorded:
-        manifest = json.loads((run_copy / "manifest.json").read_text())
-        manifest.pop("variables")
-        (run_copy / "manifest.json").write_text(json.dumps(manifest))
+        _forget_signature(run_copy)
 
     tracemalloc.start()
     start = time.monotonic()
@@ -227,4 +311,45 @@ def test_a_huge_declared_shape_is_refused_without_allocating(run_copy, shape, co
     finally:
         tracemalloc.stop()
     assert time.monotonic() - start < 30
+    assert peak < 256 * 2**20, f"the readers allocated {peak:,} bytes"
+
+
+def _gzip_zeros(path: Path, shape=(2**15, 2**15), chunks=(2**11, 2**11)) -> str:
+    """Replaces a checkpoint's first variable by a gzip variable of zeros, every chunk written
+    (4 GiB declared in 4 MiB: each 16 MiB chunk deflates to 16 KiB). Returns its name."""
+    import zlib
+
+    deflate = zlib.compressobj(6)  # HDF5's gzip filter stores zlib streams
+    zeros = bytes(2**20)
+    chunk = b"".join(deflate.compress(zeros) for _ in range(chunks[0] * chunks[1] * 4 // 2**20))
+    chunk += deflate.flush()
+    options = {"shape": shape, "dtype": "float32", "chunks": chunks, "compression": "gzip"}
+    with _first_variable_replaced(path, **options) as dataset:
+        for i in range(0, shape[0], chunks[0]):
+            for j in range(0, shape[1], chunks[1]):
+                dataset.id.write_direct_chunk((i, j), chunk)
+        return dataset.name.removeprefix("/weights/")
+
+
+def test_a_fully_written_compressed_variable_without_a_signature_is_refused(run_copy):
+    path = run_copy / "checkpoints" / "e0001.h5"
+    name = _gzip_zeros(path)
+    assert path.stat().st_size < 8 * 2**20
+    _forget_signature(run_copy)  # no model signature to check the variable against
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(TruelossReplayError) as caught:
+            read_weights(path)
+        result = CliRunner().invoke(main, ["inspect", str(run_copy), "--verify"])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    message = str(caught.value)
+    assert f"checkpoint {path}: variable {name!r} declares shape (32768, 32768)" in message
+    assert "no model signature" in message and "at most 256 MiB" in message
+    assert caught.value.path == path and caught.value.checkpoint == "e0001.h5"
+    assert result.exit_code == 1
+    assert f"e0001.h5: checkpoint {path}: variable {name!r}" in " ".join(result.output.split())
     assert peak < 256 * 2**20, f"the readers allocated {peak:,} bytes"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import resource
+import signal
 
 import h5py
 import keras
@@ -135,7 +138,7 @@ def test_run_without_architecture_needs_a_builder(run_copy):
     manifest = json.loads((run_copy / "manifest.json").read_text())
     manifest["model"] = None
     (run_copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ModelLoadError, match=r"--model MODULE:FUNCTION"):
+    with pytest.raises(ModelLoadError, match=r"model='module:function'"):
         replay(run_copy)
     history = replay(run_copy, model=build_model)
     assert len(history.history["loss"]) == 3
@@ -148,7 +151,7 @@ def test_lambda_layer_needs_unsafe_deserialization(tmp_path):
     )
     model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x, y, epochs=1, verbose=0, callbacks=[ReplayCheckpoint(tmp_path, train_data=(x, y))])
-    with pytest.raises(ModelLoadError, match=r"--unsafe-deserialization"):
+    with pytest.raises(ModelLoadError, match=r"unsafe_deserialization=True"):
         replay(tmp_path)
     history = replay(tmp_path, unsafe_deserialization=True)
     assert np.isfinite(history.history["loss"][0])
@@ -164,8 +167,9 @@ def test_parse_epochs(spec, expected):
 
 @pytest.mark.parametrize("spec", ["a", "3-1", "1,,x"])
 def test_parse_epochs_rejects(spec):
-    with pytest.raises(DataError, match="--epochs"):
+    with pytest.raises(DataError, match="epochs=") as caught:
         parse_epochs(spec)
+    assert caught.value.usage and caught.value.argument == "epochs"
 
 
 CUSTOM_LAYER = """
@@ -193,7 +197,7 @@ def test_missing_custom_object_suggests_import(tmp_path, monkeypatch):
     # As in a fresh process: the class is neither imported nor registered.
     keras.saving.get_custom_objects().pop("tlr_test>Scale")
     monkeypatch.delitem(sys.modules, "tlr_custom")
-    with pytest.raises(ModelLoadError, match=r"Scale.*--import MODULE"):
+    with pytest.raises(ModelLoadError, match=r"Scale.*with imports="):
         replay(run)
     history = replay(run, imports=["tlr_custom"])
     assert np.isfinite(history.history["loss"][0])
@@ -435,3 +439,49 @@ def test_huge_epoch_range_selects_the_run_s_checkpoints(run_copy):
     done = sorted(p.name for p in (run_copy / "replay" / "results").glob("e*.json"))
     assert done == ["e0002.json", "e0003.json"]
     assert np.isnan(history.history["loss"][0]) and np.isfinite(history.history["loss"][2])
+
+
+@contextlib.contextmanager
+def _files_capped_at(size: int):
+    """This process may not grow a file past ``size`` bytes: the OS refuses the write (EFBIG),
+    as a full disk refuses it (ENOSPC). Lifted again on the way out."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills us
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_full_disk_lists_every_lost_checkpoint_and_result_before_the_export(
+    run_copy, replay_results
+):
+    from click.testing import CliRunner
+
+    from trueloss_replay.cli import main
+    from trueloss_replay.run import write_result
+
+    results = run_copy / "replay" / "results"
+    results.mkdir(parents=True)
+    kept = write_result(results, replay_results["e0002.h5"]).read_bytes()
+    (run_copy / "checkpoints" / "e0001.h5").write_bytes(b"garbage")
+    command = ["replay", str(run_copy), "--no-progress", "--force"]
+
+    with _files_capped_at(64):  # every result file is larger; CliRunner's output is in memory
+        result = CliRunner().invoke(main, command)
+
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    error = result.output.strip().splitlines()[-1]
+    assert error.startswith("Error: 1 checkpoint(s) of "), result.output
+    lost = error.index("e0001.h5 (checkpoint")
+    unwritten = error.index("could not write 3 result file(s): ")
+    names = [error.index(f"{results / n} (File too large)") for n in ("e0000.json", "e0003.json")]
+    export = error.index("Writing the History files failed too: could not write ")
+    assert lost < unwritten < min(names) and max(names) < export
+    assert f"{results / 'e0002.json'} (File too large)" in error
+    # Nothing already written is lost or corrupted, and no temporary file is left behind.
+    assert (results / "e0002.json").read_bytes() == kept
+    assert sorted(p.name for p in results.iterdir()) == ["e0002.json"]

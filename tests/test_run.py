@@ -315,3 +315,36 @@ def test_license_file_is_the_declared_licence():
     text = (root / "LICENSE").read_text()
     assert "Apache License" in text and "Version 2.0, January 2004" in text
     assert "END OF TERMS AND CONDITIONS" in text
+
+
+def test_a_small_compressed_variable_without_a_signature_is_read(tmp_path):
+    # Below the cap on expansion: a foreign gzip checkpoint of a real size still reads.
+    path = tmp_path / "e0001.h5"
+    write_checkpoint(path, [("dense/kernel", np.zeros((4, 3), "float32"))], epoch=1, step=1, time=0)
+    zeros = np.zeros((1024, 1024), "float32")  # 4 MiB declared, a few KiB stored
+    with h5py.File(path, "r+") as f:
+        del f["weights/dense/kernel"]
+        f["weights"].create_dataset("dense/kernel", data=zeros, compression="gzip")
+
+    weights = read_weights(path)
+
+    assert path.stat().st_size < 2**20
+    np.testing.assert_array_equal(weights["dense/kernel"], zeros)
+
+
+def test_errors_name_the_file_in_fields_as_well_as_in_text(run_copy):
+    (run_copy / "checkpoints" / "e0002.h5").write_bytes(b"garbage")
+    manifest = run_copy / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "params": "many"}))
+
+    with pytest.raises(RunFormatError) as bad_manifest:
+        read_manifest(run_copy)
+    with pytest.raises(RunFormatError) as bad_checkpoint:
+        read_weights(run_copy / "checkpoints" / "e0002.h5")
+
+    assert bad_manifest.value.path == manifest and not bad_manifest.value.usage
+    assert bad_manifest.value.hint == "Copy it again from where the run was trained."
+    assert str(bad_manifest.value).endswith(bad_manifest.value.hint)
+    assert bad_checkpoint.value.checkpoint == "e0002.h5"
+    assert bad_checkpoint.value.path == run_copy / "checkpoints" / "e0002.h5"
+    assert "epochs=" in str(bad_checkpoint.value) and "--epochs" not in str(bad_checkpoint.value)

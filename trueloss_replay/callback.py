@@ -398,8 +398,8 @@ class ReplayCheckpoint(keras.callbacks.Callback):
             warnings.warn(
                 f"trueloss-replay: the architecture of {type(self.model).__name__} cannot be "
                 f"saved to {target} ({type(e).__name__}: {first_line[:200]}). Checkpoints are "
-                "still written; replay will need a model builder: trueloss-replay replay "
-                "--model MODULE:FUNCTION.",
+                "still written; replay will need a model builder: replay(run_dir, "
+                "model=...), on the command line --model MODULE:FUNCTION.",
                 stacklevel=3,
             )
             return None

@@ -1,8 +1,16 @@
 """The ``trueloss-replay`` command line: each command parses options, calls one library
 function and prints the result.
 
-Library errors (``TruelossReplayError``) become one-line ``click.ClickException`` messages
-(exit 1); ``--debug`` shows the traceback instead. Usage errors exit 2, as Click does.
+Library errors (``TruelossReplayError``) become one-line messages, decided from the error's
+fields: ``usage`` errors exit 2 as Click's own do (``click.BadParameter`` naming the flag of
+the error's ``argument``), every other one exits 1 (``click.ClickException``); ``--debug``
+shows the traceback instead. The library's messages name API arguments (``model=``); the
+text shown here names the flags (``--model``), through ``FLAGS``.
+
+Option names have one meaning each: ``--results DIR`` is the results folder on every command
+that reads or writes one, ``-o/--output FILE`` the file a command writes (``history``,
+``plot``). Older spellings still work, hidden from ``--help``: ``--out FILE``, and on
+``replay`` ``--output DIR`` (the name DESIGN.md's command line gives it).
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from trueloss_replay.errors import TruelossReplayError
+from trueloss_replay.errors import TruelossReplayError, command_line_text
 
 # TensorFlow's C++ start-up lines (no CUDA driver, CPU instructions, XLA) are noise on a
 # command line's stderr. Set before anything imports TensorFlow; a value the user set wins.
@@ -51,6 +59,41 @@ _RUN_DIR = _LocalPath(exists=True, file_okay=False, path_type=Path)
 _FOLDER = _LocalPath(file_okay=False, path_type=Path)
 
 
+#: The flag of each API argument a library message may name (``command_line_text``).
+FLAGS = {
+    "data": "--data",
+    "train": "--train",
+    "val": "--val",
+    "trust_data_factory": "--trust-data-factory",
+    "batch_size": "--batch-size",
+    "devices": "--devices",
+    "epochs": "--epochs",
+    "force": "--force",
+    "output": "--results",
+    "unsafe_deserialization": "--unsafe-deserialization",
+    "model": "--model",
+    "imports": "--import",
+    "data_major": "--data-major",
+    "metrics": "--metric",
+    "seeds": "--seeds",
+}
+
+
+def click_error(error: TruelossReplayError) -> click.ClickException:
+    """The Click exception for a library error: exit 2 for a usage error, else 1.
+
+    Decided from the error's fields (``usage``, ``argument``), never from its text; the text
+    is shown with flags in place of API arguments.
+    """
+    message = command_line_text(str(error), FLAGS)
+    if not error.usage:
+        return click.ClickException(message)
+    flag = FLAGS.get(error.argument or "")
+    if flag is None:
+        return click.UsageError(message)
+    return click.BadParameter(message, param_hint=f"'{flag}'")
+
+
 class _Group(click.Group):
     """Turns library errors into one-line messages unless ``--debug`` asks for tracebacks."""
 
@@ -60,7 +103,7 @@ class _Group(click.Group):
         except TruelossReplayError as e:
             if ctx.params.get("debug"):
                 raise
-            raise click.ClickException(" ".join(str(e).split())) from e
+            raise click_error(e) from e
         except OSError as e:  # a file the library did not expect to fail
             # A closed pipe (`history RUN | head -1`): Click's main() exits quietly.
             if ctx.params.get("debug") or e.errno == errno.EPIPE:
@@ -131,12 +174,49 @@ def _stderr_fd_to_devnull():
         os.close(devnull)
 
 
-_output_option = click.option(
-    "--output",
-    type=_FOLDER,
-    default=None,
-    help="The results folder given to `replay --output` (default RUN_DIR/replay/results).",
-)
+class _Option(click.Option):
+    """A ``click.Option`` whose older names still work but are left out of ``--help``."""
+
+    def __init__(self, *args, hidden_names: tuple[str, ...] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hidden_names = set(hidden_names)
+
+    def get_help_record(self, ctx):
+        shown, self.opts = self.opts, [o for o in self.opts if o not in self.hidden_names]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = shown
+
+
+def _results_option(*hidden: str):
+    """``--results DIR``: the results folder, on every command that reads or writes one."""
+    return click.option(
+        "--results",
+        *hidden,
+        "results",
+        cls=_Option,
+        hidden_names=hidden,
+        type=_FOLDER,
+        default=None,
+        help="Results folder, where `replay --results` wrote them (default "
+        "RUN_DIR/replay/results).",
+    )
+
+
+def _file_option(help: str):
+    """``-o/--output FILE``: the file a command writes (``--out`` still works)."""
+    return click.option(
+        "-o",
+        "--output",
+        "--out",
+        "out",
+        cls=_Option,
+        hidden_names=("--out",),
+        type=_PATH,
+        default=None,
+        help=help,
+    )
 
 
 # --------------------------------------------------------------------------- history
@@ -151,18 +231,19 @@ _output_option = click.option(
     default=None,
     help="Output format (default: from the -o suffix, else table).",
 )
-@click.option("-o", "--out", "out", type=_PATH, help="Write to this file instead of printing.")
+@_file_option("Write to this file (.csv or .json) instead of printing.")
 @click.option(
     "--full", is_flag=True, help="One row per checkpoint (initial, sub-epoch), not per epoch."
 )
-@_output_option
-def history(run_dir: Path, fmt: str | None, out: Path | None, full: bool, output: Path | None):
+@_results_option()
+def history(run_dir: Path, fmt: str | None, out: Path | None, full: bool, results: Path | None):
     """Show the true-loss History of a replayed run.
 
     \b
     Example:
         trueloss-replay history runs/exp1
         trueloss-replay history runs/exp1 -o true_history.csv
+        trueloss-replay history runs/exp1 --results /scratch/exp1-results
     """
     from trueloss_replay import history as hist
 
@@ -178,7 +259,7 @@ def history(run_dir: Path, fmt: str | None, out: Path | None, full: bool, output
     if full and fmt == "json":
         raise click.UsageError("--full works with --format table or csv.")
 
-    table = hist.load_frame(run_dir, output) if full else hist.load_history(run_dir, output)
+    table = hist.load_frame(run_dir, results) if full else hist.load_history(run_dir, results)
     if fmt == "table":
         _print(_frame_table(table) if full else _history_table(table))
     elif out is not None:
@@ -233,14 +314,7 @@ def _print(renderable) -> None:
 
 @main.command()
 @click.argument("run_dir", type=_RUN_DIR)
-@click.option(
-    "-o",
-    "--out",
-    "out",
-    type=_PATH,
-    default=None,
-    help="Figure file, .png, .svg or .pdf (default RUN_DIR/replay/curves.png).",
-)
+@_file_option("Figure file, .png, .svg or .pdf (default RUN_DIR/replay/curves.png).")
 @click.option(
     "--metric",
     "metrics",
@@ -254,9 +328,9 @@ def _print(renderable) -> None:
     is_flag=True,
     help="Fill the gap under the reported loss with its parts (run `explain` first).",
 )
-@_output_option
+@_results_option()
 def plot(
-    run_dir: Path, out: Path | None, metrics: tuple[str, ...], explain: bool, output: Path | None
+    run_dir: Path, out: Path | None, metrics: tuple[str, ...], explain: bool, results: Path | None
 ):
     """Plot the true, validation and reported curves of a replayed run.
 
@@ -264,23 +338,18 @@ def plot(
     Example:
         trueloss-replay plot runs/exp1
         trueloss-replay plot runs/exp1 -o loss.svg --metric loss
-        trueloss-replay plot runs/exp1 --explain
+        trueloss-replay plot runs/exp1 --explain --output gap.png
     """
-    from trueloss_replay.plot import FORMATS, PlotError, plot_run
+    from trueloss_replay.plot import FORMATS, plot_run
 
     if out is not None and out.suffix.lower() not in FORMATS:
         raise click.BadParameter(
             f"cannot save a figure as {out.name!r}: the name must end in {', '.join(FORMATS)}.",
             param_hint="'-o'",
         )
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", RuntimeWarning)
-            path = plot_run(run_dir, out, list(metrics) or None, output, explain=explain)
-    except PlotError as e:
-        if metrics and "has no" in str(e) and "to plot" in str(e):  # a --metric it lacks
-            raise click.BadParameter(str(e), param_hint="'--metric'") from e
-        raise click.ClickException(str(e)) from e
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        path = plot_run(run_dir, out, list(metrics) or None, results, explain=explain)
     for warning in caught:  # one line each, without Python's source-line decoration
         click.echo(f"Warning: {warning.message}", err=True)
     click.echo(f"wrote {path}")
@@ -294,8 +363,8 @@ def plot(
 @click.option(
     "--verify", is_flag=True, help="Read every checkpoint in full; exit 1 if one is damaged."
 )
-@_output_option
-def inspect(run_dir: Path, verify: bool, output: Path | None):
+@_results_option()
+def inspect(run_dir: Path, verify: bool, results: Path | None):
     """Show a run's manifest and checkpoints, and which are replayed.
 
     \b
@@ -304,15 +373,18 @@ def inspect(run_dir: Path, verify: bool, output: Path | None):
     """
     from trueloss_replay.history import describe_run
 
-    description = describe_run(run_dir, output, verify=verify)
+    description = describe_run(run_dir, results, verify=verify)
     _print(_run_summary(description))
     _print(_checkpoint_table(description))
     problems = description.problems
     if verify and problems:
-        names = "; ".join(f"{c.name}: {' '.join(c.error.split())}" for c in problems)
+        names = "; ".join(f"{c.name}: {c.error}" for c in problems)
         raise click.ClickException(
-            f"{len(problems)} of {len(description.checkpoints)} checkpoints failed "
-            f"verification: {names}"
+            command_line_text(
+                f"{len(problems)} of {len(description.checkpoints)} checkpoints failed "
+                f"verification: {names}",
+                FLAGS,
+            )
         )
     if verify:
         click.echo(f"all {len(description.checkpoints)} checkpoints verified.")
@@ -403,13 +475,13 @@ def _size(size: int) -> str:
     help="Also write what Keras reported to train/ and validation/, where no TensorBoard "
     "callback wrote it.",
 )
-@_output_option
+@_results_option()
 def export(
     run_dir: Path,
     logdir: Path | None,
     logdir_alias: Path | None,
     reported: bool,
-    output: Path | None,
+    results: Path | None,
 ):
     """Export the true curves of a replayed run to TensorBoard, in Keras' own layout.
 
@@ -429,7 +501,7 @@ def export(
         raise click.UsageError("Missing option '--logdir'.")
     if logdir is not None and logdir_alias is not None and logdir != logdir_alias:
         raise click.UsageError("--logdir and --tensorboard (its old name) name different folders.")
-    done = export_tensorboard(run_dir, logdir or logdir_alias, output, reported=reported)
+    done = export_tensorboard(run_dir, logdir or logdir_alias, results, reported=reported)
     for path in done.files:
         click.echo(f"wrote {path}")
     for run in done.left_to_keras:
@@ -517,22 +589,14 @@ _model_options = _options(
 
 def _devices_option(value: str):
     from trueloss_replay.backends import resolve_devices
-    from trueloss_replay.errors import DataError
 
-    try:
-        return resolve_devices(value)
-    except DataError as e:
-        raise click.BadParameter(str(e).split(": ", 1)[-1]) from e
+    return resolve_devices(value)  # a bad value: a usage error naming devices=, see FLAGS
 
 
 def _epochs_option(value: str | None):
-    from trueloss_replay.errors import DataError
     from trueloss_replay.scheduler import parse_epochs
 
-    try:
-        return parse_epochs(value)
-    except DataError as e:
-        raise click.BadParameter(str(e).split(": ", 1)[-1]) from e
+    return parse_epochs(value)
 
 
 def _follow_option(ctx, param, value: bool) -> bool:
@@ -596,11 +660,7 @@ def _follow_option(ctx, param, value: bool) -> bool:
     help="Checkpoints to evaluate, by completed epochs, e.g. 1,3,5-9.",
 )
 @click.option("--force", is_flag=True, help="Recompute results that already exist.")
-@click.option(
-    "--output",
-    type=_FOLDER,
-    help="Results folder (default RUN_DIR/replay/results).",
-)
+@_results_option("--output")
 @_model_options
 @click.option(
     "--data-major",
@@ -624,7 +684,7 @@ def replay(
     devices: list[str],
     epochs: EpochSet | None,
     force: bool,
-    output: Path | None,
+    results: Path | None,
     unsafe_deserialization: bool,
     model_ref: str | None,
     imports: tuple[str, ...],
@@ -647,6 +707,7 @@ def replay(
         trueloss-replay replay runs/exp1 --data my_project.data:load --devices 0,1
         trueloss-replay replay runs/exp1 --epochs 10-20 --batch-size 4096 --force
         trueloss-replay replay runs/exp1 --follow --idle-timeout 3600 --logdir logs/exp1
+        trueloss-replay replay runs/exp1 --results /scratch/exp1-results
     """
     from trueloss_replay.errors import ReplayIncompleteError
     from trueloss_replay.scheduler import replay as run_replay
@@ -674,7 +735,7 @@ def replay(
             devices=devices,
             epochs=epochs,
             force=force,
-            output=output,
+            output=results,
             unsafe_deserialization=unsafe_deserialization,
             model=model_ref,
             imports=imports,
@@ -699,7 +760,7 @@ def replay(
             devices=devices,
             epochs=epochs,
             force=force,
-            output=output,
+            output=results,
             unsafe_deserialization=unsafe_deserialization,
             model=model_ref,
             imports=imports,
@@ -711,17 +772,18 @@ def replay(
         if e.history.epoch:
             _print(_summary_table(e.history, f"true loss of {run_dir} (incomplete)"))
         if logdir is not None and e.history.epoch:
-            _export_tensorboard(run_dir, logdir, output)
+            _export_tensorboard(run_dir, logdir, results)
         raise
     _print(_summary_table(history, f"true loss of {run_dir}"))
     if logdir is not None:
-        _export_tensorboard(run_dir, logdir, output)
+        _export_tensorboard(run_dir, logdir, results)
 
 
-def _export_tensorboard(run_dir: Path, logdir: Path, output: Path | None) -> None:
+def _export_tensorboard(run_dir: Path, logdir: Path, results: Path | None) -> None:
     from trueloss_replay.tensorboard import export_tensorboard
 
-    click.echo(f"wrote {export_tensorboard(run_dir, logdir, output)}")
+    for path in export_tensorboard(run_dir, logdir, results).files:
+        click.echo(f"wrote {path}")
 
 
 class _FollowLog:
@@ -743,7 +805,8 @@ class _FollowLog:
         click.echo(f"{result['checkpoint']}: {', '.join(figures)} ({how})")
 
     def checkpoint_failed(self, name: str, reason: str) -> None:
-        click.echo(f"{name}: cannot be evaluated: {' '.join(reason.split())}", err=True)
+        reason = " ".join(command_line_text(reason, FLAGS).split())
+        click.echo(f"{name}: cannot be evaluated: {reason}", err=True)
 
     def checkpoint_missed(self, name: str, reason: str) -> None:
         click.echo(f"{name}: missed, {reason}")
@@ -814,7 +877,7 @@ def _follow(run_dir: Path, *, poll, idle_timeout, no_progress, **options) -> Non
 )
 @click.option("--force", is_flag=True, help="Recompute parts that are already stored.")
 @_data_options
-@_output_option
+@_results_option()
 @_model_options
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def explain(
@@ -826,7 +889,7 @@ def explain(
     train: Path | None,
     val: Path | None,
     trust_data_factory: bool,
-    output: Path | None,
+    results: Path | None,
     unsafe_deserialization: bool,
     model_ref: str | None,
     imports: tuple[str, ...],
@@ -857,7 +920,7 @@ def explain(
             data=data,
             train=train,
             val=val,
-            output=output,
+            output=results,
             unsafe_deserialization=unsafe_deserialization,
             model=model_ref,
             imports=imports,

@@ -170,7 +170,9 @@ def validate_reference(reference: str, what: str = "data") -> str:
     if not valid or not all(p.isidentifier() for p in attr.split(".")):
         raise DataError(
             f"{what}={reference!r} is not a 'module:function' reference, e.g. "
-            "'my_project.data:load'."
+            "'my_project.data:load'.",
+            usage=True,
+            argument=what,
         )
     return reference
 
@@ -198,14 +200,16 @@ def import_reference(reference: str, what: str = "data") -> Any:
     except ImportError as e:
         raise DataError(
             f"cannot import module {module_name!r} for {what}={reference!r} ({e}); searched "
-            f"the current directory {cwd} and the Python path."
+            f"the current directory {cwd} and the Python path.",
+            argument=what,
         ) from e
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError as e:
             raise DataError(
-                f"module {module_name!r} has no attribute {attr!r} ({what}={reference!r})."
+                f"module {module_name!r} has no attribute {attr!r} ({what}={reference!r}).",
+                argument=what,
             ) from e
     return obj
 
@@ -489,18 +493,16 @@ def resolve_splits(
     sources.update({name: s for name, s in (("train", train), ("val", val)) if s is not None})
     if sources.get("train") is None:
         raise DataError(
-            f"no training data for run {run.path}: pass --data MODULE:FUNCTION or --train FILE "
-            "(or give ReplayCheckpoint data= or train_data= when training)."
+            f"no training data for run {run.path}: pass data='module:function' or train= "
+            "(arrays or a file), or give ReplayCheckpoint(data=...) or train_data= when "
+            "training."
         )
     return {name: make_split(name, sources[name]) for name in ("train", "val") if name in sources}
 
 
 def _call_recorded_factory(run: Any, reference: str, trusted: bool) -> dict[str, Any]:
     manifest = run.path / "manifest.json"
-    instead = (
-        "pass the data yourself: data='module:function' or train=/val= arrays or files "
-        "(on the command line --data, --train, --val)"
-    )
+    instead = "pass the data yourself: data='module:function', or train= and val= (arrays or files)"
     if not trusted:
         check_recorded_factory(reference, manifest)
     try:
@@ -542,8 +544,8 @@ def check_recorded_factory(reference: str, manifest: str | os.PathLike = "the ma
     raise DataError(
         f"the data factory {reference!r} recorded in {manifest} resolves to {where}; a run "
         "folder from elsewhere could name any function there (os:abort), so it is not "
-        "called. If you trust this run folder, pass trust_data_factory=True "
-        "(--trust-data-factory); or pass the factory yourself as data= (--data)."
+        "called. If you trust this run folder, pass trust_data_factory=True; or pass the "
+        "factory yourself as data='module:function'."
     )
 
 

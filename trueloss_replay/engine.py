@@ -70,7 +70,7 @@ DEVICE_CACHE_BYTES = 2 * 1024**3
 
 
 def import_modules(modules: Iterable[str]) -> None:
-    """Imports modules that register custom layers, losses or metrics (``--import``)."""
+    """Imports modules that register custom layers, losses or metrics (``imports=``)."""
     modules = list(modules)
     cwd = put_cwd_on_path() if modules else None
     for name in modules:
@@ -78,8 +78,9 @@ def import_modules(modules: Iterable[str]) -> None:
             importlib.import_module(name)
         except ImportError as e:
             raise ModelLoadError(
-                f"cannot import module {name!r} given with --import ({e}); searched the "
-                f"current directory {cwd} and the Python path."
+                f"cannot import module {name!r} given in imports= ({e}); searched the "
+                f"current directory {cwd} and the Python path.",
+                argument="imports",
             ) from e
 
 
@@ -111,10 +112,13 @@ def load_model(run: runfmt.Run, builder: Callable | str | None = None, unsafe: b
     if path is None:
         raise ModelLoadError(
             f"run {run.path} has no saved architecture (the model could not be serialized); "
-            "pass a builder: --model MODULE:FUNCTION returning the model."
+            "pass a builder: model='module:function' returning the model.",
+            path=run.path,
         )
     if not path.is_file():
-        raise ModelLoadError(f"{path} is missing; pass --model MODULE:FUNCTION instead.")
+        raise ModelLoadError(
+            f"{path} is missing; pass a builder instead: model='module:function'.", path=path
+        )
     model = load_model_file(path, config, unsafe)
     if not (config or {}).get("loss") and not overrides_compute_loss(model):
         raise ModelLoadError(
@@ -129,14 +133,16 @@ def build_model(builder: Callable | str):
     """Calls a model builder (a callable or a ``module:function`` reference), as given.
 
     Raises:
-        ModelLoadError: the reference cannot be imported.
+        ModelLoadError: the reference cannot be imported, or the builder raised or returned
+            something other than a ``keras.Model``; the message names the builder.
     """
+    name = builder if isinstance(builder, str) else _callable_name(builder)
     if isinstance(builder, str):
         try:
-            builder = import_reference(builder, "--model")
+            builder = import_reference(builder, "model")
         except DataError as e:
-            raise ModelLoadError(str(e)) from e
-    return builder()
+            raise ModelLoadError(str(e), usage=e.usage, argument="model") from e
+    return _build(builder, name)
 
 
 def load_model_file(path: Path, compile_config: dict | None = None, unsafe: bool = False):
@@ -160,7 +166,36 @@ def load_model_file(path: Path, compile_config: dict | None = None, unsafe: bool
         if compile_config:
             model.compile_from_config(compile_config)
     except Exception as e:  # noqa: BLE001 - Keras raises bare ValueError/TypeError here
-        raise ModelLoadError(_explain_load_error(Path(path), e)) from e
+        raise ModelLoadError(_explain_load_error(Path(path), e), path=Path(path)) from e
+    return model
+
+
+def _callable_name(builder: Any) -> str:
+    module = getattr(builder, "__module__", None)
+    name = getattr(builder, "__qualname__", None) or type(builder).__name__
+    return f"{module}:{name}" if module else name
+
+
+def _build(builder: Callable, name: str):
+    """Calls the user's model builder; what it raises or returns wrong is named as its own."""
+    import keras
+
+    try:
+        model = builder()
+    except Exception as e:  # noqa: BLE001 - the user's code: any failure is the builder's
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise ModelLoadError(
+            f"the model builder {name} (model=) raised {type(e).__name__}"
+            + (f": {first}" if first else "")
+            + ". Fix the builder, or pass another.",
+            argument="model",
+        ) from e
+    if not isinstance(model, keras.Model):
+        raise ModelLoadError(
+            f"the model builder {name} (model=) returned {type(model).__name__}, not a "
+            "keras.Model; it must return the model.",
+            argument="model",
+        )
     return model
 
 
@@ -171,20 +206,20 @@ def _explain_load_error(path: Path, error: Exception) -> str:
     if path.is_file() and not zipfile.is_zipfile(path):
         return (
             f"{path} is not a valid .keras archive (not a zip file); it is damaged. Copy "
-            "model.keras again from where the run was trained, or pass --model "
-            "MODULE:FUNCTION to build the model instead."
+            "model.keras again from where the run was trained, or pass a builder as "
+            "model='module:function' instead."
         )
     text = str(error)
     if "safe_mode" in text or "unsafe" in text.lower():
         return (
             f"{path} contains a layer that can run arbitrary code (e.g. Lambda); loading it "
-            "needs --unsafe-deserialization (only for run folders you trust)."
+            "needs unsafe_deserialization=True (only for run folders you trust)."
         )
     missing = _unregistered_objects(path)
     if missing:
         return (
             f"{path} uses the custom object {missing[0]!r}, which is not registered in this "
-            "process; pass --import MODULE for the module that defines it (decorated with "
+            "process; pass the module that defines it with imports= (decorated with "
             "@keras.saving.register_keras_serializable)."
         )
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__

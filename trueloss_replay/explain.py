@@ -92,7 +92,7 @@ def infer_batch_size(examples: int, steps_per_epoch: int) -> int:
     if examples <= 0 or steps_per_epoch <= 0:
         raise DataError(
             f"cannot infer a batch size from {examples} examples and {steps_per_epoch} steps "
-            "per epoch; pass batch_size (--batch-size)."
+            "per epoch; pass batch_size=."
         )
     low = math.ceil(examples / steps_per_epoch)
     if steps_per_epoch == 1:
@@ -117,7 +117,7 @@ def _training_batch_size(run: runfmt.Run, split: Split, override: int | None) ->
     if not steps:
         raise DataError(
             f"{run.path / runfmt.MANIFEST} does not record the steps per epoch, so the "
-            "training batch size is unknown; pass batch_size (--batch-size) as given to fit()."
+            "training batch size is unknown; pass batch_size= as given to fit()."
         )
     return infer_batch_size(split.count, int(steps))
 
@@ -415,8 +415,8 @@ def explain(
     from trueloss_replay.backends import resolve_devices
     from trueloss_replay.engine import evaluation_error, import_modules, load_model
     from trueloss_replay.errors import ReplayIncompleteError
-    from trueloss_replay.history import export_history, read_result
-    from trueloss_replay.scheduler import replay, result_path
+    from trueloss_replay.history import export_history
+    from trueloss_replay.scheduler import replay
 
     backend = get_backend()  # an unsupported Keras backend is refused before any work
     run = runfmt.Run(run_dir)
@@ -430,7 +430,7 @@ def explain(
     train_split = splits["train"]
     batch = _training_batch_size(run, train_split, batch_size)
     device = device or resolve_devices("auto")[0]
-    results_dir = Path(output) if output is not None else run.results_dir
+    results_dir = runfmt.results_folder(run.path, output)
     checkpoints = [c for c in run.checkpoints(epoch_end_only=True) if c.epoch >= 1]
     if not checkpoints:
         raise RunFormatError(
@@ -469,9 +469,9 @@ def explain(
         for c in usable:
             if c.name in failures:
                 continue
-            path = result_path(results_dir, c.name)
+            path = runfmt.result_path(results_dir, c.name)
             try:
-                result = read_result(path)
+                result = runfmt.read_result(path)
             except RunFormatError as e:
                 failures[c.name] = str(e)
                 continue
@@ -502,11 +502,8 @@ def explain(
                 except TruelossReplayError as e:
                     failures[c.name] = str(e)
                     continue
-                except OSError as e:
-                    failures[c.name] = (
-                        f"could not write {path}: {e.strerror or e}. Check that the folder is "
-                        "writable and the disk has space."
-                    )
+                except OSError as e:  # h5py or the file system, outside atomic_path
+                    failures[c.name] = str(runfmt.write_error(path, e))
                     continue
                 except Exception as e:  # noqa: BLE001
                     if not backend.is_runtime_error(e):
@@ -561,7 +558,7 @@ def _explain_checkpoint(
         "training_mode_losses": per_seed.tolist(),
         **settings,
     }
-    runfmt.atomic_write_json(path, {**result, "explain": stored})
+    runfmt.write_result(path.parent, {**result, "explain": stored})
     result["explain"] = stored
     return stored
 

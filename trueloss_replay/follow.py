@@ -38,7 +38,6 @@ from trueloss_replay.scheduler import (
     _reusable,
     _SerializedProgress,
     parse_epochs,
-    result_path,
 )
 
 #: Seconds between two looks at the run folder, unless ``poll`` says otherwise.
@@ -381,6 +380,8 @@ class _Follower:
             jit_compile=self.jit_compile,
             results=self.results,
             failures=failures,
+            # A result that cannot be written is also in failures: reported as failed.
+            unwritten={},
             progress=_SerializedProgress(_WorkerHooks(self.hooks)),
             replicas=self.replicas,
         )
@@ -399,7 +400,7 @@ class _Follower:
         )
 
     def result_file(self, name: str) -> Path:
-        return result_path(self.output, name)
+        return runfmt.result_path(self.output, name)
 
     def failed(self, checkpoint: runfmt.Checkpoint, reason: str | None = None) -> None:
         """A checkpoint that could not be read: missed when its file is gone, else failed."""
@@ -430,13 +431,11 @@ class _Follower:
 
     def load_stored(self, name: str, reuse: bool = False) -> bool:
         """Reads a stored result of a checkpoint not evaluated here (unselected, or gone)."""
-        from trueloss_replay.history import read_result
-
         path = self.result_file(name)
         if name in self.results or not path.is_file() or (reuse and self.force):
             return False
         try:
-            result = read_result(path)
+            result = runfmt.read_result(path)
         except RunFormatError:
             return False
         if reuse and result.get("data") != self.fingerprints:

@@ -36,6 +36,7 @@ import pandas as pd
 
 from trueloss_replay import run as runfmt
 from trueloss_replay.errors import RunFormatError
+from trueloss_replay.run import results_folder
 
 if TYPE_CHECKING:
     import keras
@@ -58,11 +59,6 @@ GAP_PREFIX = "gap_"
 
 
 # --------------------------------------------------------------------------- folders
-
-
-def results_folder(run_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
-    """Where a run's result files are: ``output``, or ``RUN_DIR/replay/results``."""
-    return Path(output) if output is not None else Path(run_dir) / runfmt.RESULTS_DIR
 
 
 def replay_folder(run_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
@@ -106,75 +102,11 @@ def load_results(
         ['e0000.h5', 'e0001.h5', 'e0002.h5']
     """
     runfmt.read_manifest(Path(run_dir))
-    folder = results_folder(run_dir, output)
-    if not folder.is_dir():
-        return []
-    results = []
-    for entry in os.scandir(folder):
-        stem, suffix = os.path.splitext(entry.name)
-        if suffix != ".json" or runfmt.parse_checkpoint_name(stem + ".h5") is None:
-            continue
-        if entry.is_file():
-            results.append(read_result(entry.path))
-    return sorted(results, key=lambda r: _name_order(r["checkpoint"]))
-
-
-def read_result(path: str | os.PathLike) -> dict[str, Any]:
-    """One result file, checked for format and version.
-
-    Raises:
-        RunFormatError: unreadable, not JSON, or not a trueloss-replay result.
-    """
-    path = Path(path)
-    fix = "Delete it and replay that checkpoint again."
-    try:
-        result = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise RunFormatError(f"result file {path} cannot be read ({_one_line(e)}). {fix}") from e
-    if not isinstance(result, dict) or result.get("format") != runfmt.RESULT_FORMAT:
-        found = result.get("format") if isinstance(result, dict) else type(result).__name__
-        raise RunFormatError(
-            f"result file {path} is not a trueloss-replay result (format {found!r}). {fix}"
-        )
-    try:
-        runfmt.check_version(result.get("version"), f"result file {path}")
-    except RunFormatError as e:
-        raise RunFormatError(f"{e} {fix}") from e
-    for key, kind, required in _RESULT_FIELDS:
-        value = result.get(key)
-        if (value is not None or required) and not isinstance(value, kind):
-            raise RunFormatError(f"result file {path} has no valid {key!r} entry. {fix}")
-    if isinstance(result.get("checkpoint_time"), bool) or isinstance(result.get("step"), bool):
-        raise RunFormatError(f"result file {path} has a true/false step or time. {fix}")
-    if runfmt.parse_checkpoint_name(result["checkpoint"]) is None:
-        raise RunFormatError(
-            f"result file {path} names the checkpoint {result['checkpoint']!r}, which is not "
-            f"a checkpoint file name. {fix}"
-        )
-    return result
-
-
-#: The result fields that readers use: (key, type, required). ``history`` reads the figures
-#: and ``replay`` decides from ``checkpoint_time`` and ``data`` whether to reuse a result.
-_RESULT_FIELDS = (
-    ("checkpoint", str, True),
-    ("train", dict, True),
-    ("val", dict, False),
-    ("reported", dict, False),
-    ("explain", dict, False),
-    ("data", dict, False),
-    ("step", int, False),
-    ("checkpoint_time", (int, float), False),
-)
+    return runfmt.list_results(results_folder(run_dir, output))
 
 
 def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
-
-
-def _name_order(name: str) -> tuple[int, int, int]:
-    epoch, step = runfmt.parse_checkpoint_name(name) or (-1, None)
-    return (epoch, 0 if step is None else 1, -1 if step is None else step)
 
 
 def result_figures(result: Mapping[str, Any]) -> dict[str, float]:
@@ -183,27 +115,13 @@ def result_figures(result: Mapping[str, Any]) -> dict[str, float]:
     figures = {}
     for prefix, part in (("", "train"), ("val_", "val"), (REPORTED_PREFIX, "reported")):
         for key, value in (result.get(part) or {}).items():
-            figures[prefix + key] = _as_float(value)
+            figures[prefix + key] = runfmt.json_float(value)
     explained = result.get("explain")
     if isinstance(explained, Mapping):
         for part, key in GAP_KEYS.items():
             if part in explained:
-                figures[key] = _as_float(explained[part])
+                figures[key] = runfmt.json_float(explained[part])
     return figures
-
-
-def _as_float(value: Any) -> float:
-    if value is None:
-        return math.nan
-    if isinstance(value, str):  # "Infinity" / "NaN", as the History JSON writes them
-        try:
-            return float(value)
-        except ValueError:
-            return math.nan
-    try:
-        return float(np.asarray(value))
-    except (TypeError, ValueError):  # a vector metric (F1Score(average=None)) has no scalar
-        return math.nan
 
 
 def _key_order(key: str) -> int:
@@ -257,7 +175,7 @@ def build_frame(
         rows[name] = {
             "epoch": runfmt.parse_checkpoint_name(name)[0],
             "step": entry.get("step"),
-            "figures": {REPORTED_PREFIX + k: _as_float(v) for k, v in _logs(entry).items()},
+            "figures": {REPORTED_PREFIX + k: runfmt.json_float(v) for k, v in _logs(entry).items()},
         }
     for result in results:
         name = result["checkpoint"]
@@ -267,7 +185,7 @@ def build_frame(
         # The result's figures win: they hold the same reported logs plus the true figures.
         row["figures"] = {**row.get("figures", {}), **result_figures(result)}
 
-    names = sorted(rows, key=_name_order)
+    names = sorted(rows, key=runfmt.checkpoint_order)
     keys = _ordered_keys(k for name in names for k in rows[name].get("figures", {}))
     steps_per_epoch = manifest.get("steps_per_epoch") or (manifest.get("params") or {}).get("steps")
     end_steps = {
@@ -642,7 +560,9 @@ def read_json(path: str | os.PathLike) -> keras.callbacks.History:
             f"{path} has no 'history' object; expected a file written by write_json."
         )
     try:
-        history = {k: [_as_float(v) for v in values] for k, values in data["history"].items()}
+        history = {
+            k: [runfmt.json_float(v) for v in values] for k, values in data["history"].items()
+        }
     except (TypeError, ValueError) as e:
         raise RunFormatError(f"{path} holds a value that is not a number ({e}).") from e
     length = max((len(v) for v in history.values()), default=0)
@@ -762,11 +682,6 @@ def describe_run(
     """
     run = runfmt.Run(run_dir)
     folder = results_folder(run_dir, output)
-    replayed = {
-        Path(e.name).stem
-        for e in (os.scandir(folder) if folder.is_dir() else ())
-        if e.name.endswith(".json")
-    }
     statuses = []
     for c in run.checkpoints():
         error = c.error
@@ -782,8 +697,8 @@ def describe_run(
                 epoch=c.epoch,
                 step=c.step,
                 size=size,
-                reported_loss=_as_float(c.logs.get("loss")),
-                replayed=Path(c.name).stem in replayed,
+                reported_loss=runfmt.json_float(c.logs.get("loss")),
+                replayed=runfmt.result_path(folder, c.name).is_file(),
                 error=error,
             )
         )

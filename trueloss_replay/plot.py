@@ -124,7 +124,9 @@ def plot_history(
         raise PlotError(
             f"the History has no {unknown[0]!r} to plot; it has: {', '.join(available)}."
             if unknown
-            else "the History is empty; there is nothing to plot."
+            else "the History is empty; there is nothing to plot.",
+            usage=bool(unknown),
+            argument="metrics" if unknown else None,
         )
 
     if explain and not all(key in history.history for key, _, _ in _GAP_PARTS):
@@ -133,7 +135,11 @@ def plot_history(
             "run `trueloss-replay explain RUN_DIR` first."
         )
     if explain and "loss" not in names:
-        raise PlotError("explain draws on the loss panel; include 'loss' in the metrics.")
+        raise PlotError(
+            "explain draws on the loss panel; include 'loss' in the metrics.",
+            usage=True,
+            argument="metrics",
+        )
 
     fig, axes = _axes(len(names), ax, for_saving=path is not None)
     series, non_finite = _series(history)

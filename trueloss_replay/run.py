@@ -98,12 +98,25 @@ def atomic_path(
         with contextlib.suppress(OSError):
             tmp.unlink()
         if isinstance(e, OSError) and not isinstance(e, RunWriteError):
-            raise RunWriteError(
-                f"could not write {path}: {e.strerror or e}. Check that the folder is "
-                "writable, that nothing else is in the way, and that the disk has space."
-            ) from e
+            raise write_error(path, e) from e
         raise
     fsync_dir(path.parent)
+
+
+def write_error(path: str | os.PathLike, error: OSError) -> RunWriteError:
+    """The ``RunWriteError`` for ``error`` while writing ``path``: names the file once.
+
+    Its ``reason`` is the system's word for what happened (``No space left on device``).
+    """
+    reason = error.strerror or " ".join(str(error).split()) or type(error).__name__
+    failure = RunWriteError(
+        f"could not write {path}: {reason}.",
+        path=Path(path),
+        hint="Check that the folder is writable, that nothing else is in the way, and that "
+        "the disk has space.",
+    )
+    failure.reason = reason
+    return failure
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -252,9 +265,7 @@ class Checkpoint:
         return "-s" not in self.name
 
     def sort_key(self) -> tuple[int, int, int]:
-        parsed = parse_checkpoint_name(self.name)
-        sub_step = parsed[1] if parsed and parsed[1] is not None else -1
-        return (self.epoch, 0 if self.is_epoch_end else 1, sub_step)
+        return checkpoint_order(self.name)
 
     def manifest_entry(self) -> dict[str, Any]:
         return {
@@ -389,13 +400,11 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
                 time=float(attrs["time"]),
                 logs=logs,
             )
-    except RunFormatError:
+    except RunFormatError as e:
+        _at_checkpoint(e, path)
         raise
     except (OSError, KeyError, ValueError, TypeError, OverflowError) as e:
-        raise RunFormatError(
-            f"checkpoint {path} cannot be read ({e}). It is damaged; delete it or replay "
-            "the others with --epochs."
-        ) from e
+        raise _unreadable(path, e) from e
 
 
 #: the largest epoch or step a checkpoint may record: it must fit an int64 column.
@@ -410,7 +419,7 @@ def _count_attribute(value: Any, key: str, path: Path) -> int:
     if count is None or count != value or not 0 <= count <= _MAX_COUNT:
         raise RunFormatError(
             f"checkpoint {path}: its {key!r} attribute is {value!r}, not a whole number from "
-            f"0 to {_MAX_COUNT}; it is damaged. Delete it or replay the others with --epochs."
+            f"0 to {_MAX_COUNT}; it is damaged. Delete it or replay the others with epochs=."
         )
     return count
 
@@ -467,19 +476,73 @@ def read_weights(
                 check_signature(signature, datasets, source)
             for name, obj in datasets.items():
                 _check_stored(name, obj, source)
+            if signature is None:
+                _check_expansion(datasets, source)
             return {name: obj[()] for name, obj in datasets.items()}
-    except RunFormatError:
+    except RunFormatError as e:
+        _at_checkpoint(e, path)
         raise
     except MemoryError as e:
         raise RunFormatError(
             f"checkpoint {path} is too large to read into memory; it is damaged or was not "
-            "written for this model. Delete it or replay the others with --epochs."
+            "written for this model.",
+            path=path,
+            checkpoint=path.name,
+            hint=_DAMAGED_HINT,
         ) from e
     except (OSError, KeyError, ValueError, TypeError) as e:
-        raise RunFormatError(
-            f"checkpoint {path} cannot be read ({' '.join(str(e).split())}). It is damaged; "
-            "delete it or replay the others with --epochs."
-        ) from e
+        raise _unreadable(path, e) from e
+
+
+#: What to do about a damaged checkpoint, in every message that says one is.
+_DAMAGED_HINT = "Delete it or replay the others with epochs=."
+
+
+def _unreadable(path: Path, error: Exception) -> RunFormatError:
+    return RunFormatError(
+        f"checkpoint {path} cannot be read ({' '.join(str(error).split())}). It is damaged;",
+        path=path,
+        checkpoint=path.name,
+        hint=_DAMAGED_HINT[0].lower() + _DAMAGED_HINT[1:],
+    )
+
+
+def _at_checkpoint(error: RunFormatError, path: Path) -> RunFormatError:
+    # The readers' checks name the file in their text; the fields say it for callers.
+    if error.path is None:
+        error.path = path
+    if error.checkpoint is None:
+        error.checkpoint = path.name
+    return error
+
+
+#: Without a model signature to check a checkpoint against, its variables may declare at
+#: most this many bytes more than the file stores (in total). Trueloss-replay writes no
+#: compressed variable, so only a foreign or hostile file gets near it: a gzip variable of
+#: zeros stores 4 GiB in 4 MiB, and reading it would allocate all of it.
+MAX_UNCHECKED_EXPANSION = 256 * 2**20
+
+
+def _check_expansion(datasets: Mapping[str, h5py.Dataset], source: str) -> None:
+    expansion = {
+        name: obj.size * obj.dtype.itemsize - obj.id.get_storage_size()
+        for name, obj in datasets.items()
+    }
+    if sum(max(0, n) for n in expansion.values()) <= MAX_UNCHECKED_EXPANSION:
+        return
+    name = max(expansion, key=expansion.get)
+    dataset = datasets[name]
+    raise RunFormatError(
+        f"checkpoint {source}: variable {name!r} declares shape {dataset.shape} "
+        f"({dataset.size * dataset.dtype.itemsize:,} bytes) from "
+        f"{dataset.id.get_storage_size():,} compressed bytes, and there is no model "
+        "signature to check it against (the run folder's manifest records no 'variables'). "
+        f"Without one, a checkpoint may expand by at most {MAX_UNCHECKED_EXPANSION // 2**20} "
+        "MiB when read; trueloss-replay writes no compressed variable, so this file comes "
+        "from elsewhere.",
+        hint="Delete it, or if it is genuine, read it against the model: "
+        "read_weights(path, model_signature(model)).",
+    )
 
 
 def _recorded_signature(path: Path) -> list[Any] | None:
@@ -498,7 +561,7 @@ def _check_numeric(key: str, dtype: Any, source: str) -> None:
         raise RunFormatError(
             f"checkpoint {source}: variable {key!r} is stored as {dtype}, not as numbers; "
             "the file is damaged or was not written by trueloss-replay. Delete it or replay "
-            "the others with --epochs."
+            "the others with epochs=."
         )
 
 
@@ -521,7 +584,7 @@ def _check_stored(key: str, dataset: h5py.Dataset, source: str) -> None:
             raise RunFormatError(
                 f"checkpoint {source}: variable {key!r} declares shape {dataset.shape} "
                 f"({spanned:,} compressed chunks) but the file stores {stored:,} of them; "
-                "the file is damaged. Delete it or replay the others with --epochs."
+                "the file is damaged. Delete it or replay the others with epochs=."
             )
         return
     stored, declared = dataset.id.get_storage_size(), dataset.size * dataset.dtype.itemsize
@@ -529,7 +592,7 @@ def _check_stored(key: str, dataset: h5py.Dataset, source: str) -> None:
         raise RunFormatError(
             f"checkpoint {source}: variable {key!r} declares shape {dataset.shape} "
             f"({declared:,} bytes) but the file stores {stored:,} bytes of it; the file is "
-            "damaged. Delete it or replay the others with --epochs."
+            "damaged. Delete it or replay the others with epochs=."
         )
 
 
@@ -699,6 +762,176 @@ def load_weights(
         variable.assign(array.astype(variable.dtype, copy=False))
 
 
+# --------------------------------------------------------------------------- results
+
+
+def checkpoint_order(name: str) -> tuple[int, int, int]:
+    """The training-order sort key of a checkpoint (or result) file name.
+
+    Epoch first; within an epoch the epoch-end checkpoint ``eNNNN.h5`` (taken when epoch N
+    ended) comes before the sub-epoch ones ``eNNNN-sSSSSSS.h5`` (taken during epoch N+1), in
+    step order. Any other name sorts first. The one ordering every reader uses.
+
+    Example:
+        >>> sorted(["e0001-s000040.h5", "e0002.h5", "e0001.h5"], key=checkpoint_order)
+        ['e0001.h5', 'e0001-s000040.h5', 'e0002.h5']
+    """
+    epoch, step = parse_checkpoint_name(name) or (-1, None)
+    return (epoch, 0 if step is None else 1, -1 if step is None else step)
+
+
+def results_folder(run_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
+    """Where a run's result files are: ``output``, or ``RUN_DIR/replay/results``."""
+    return Path(output) if output is not None else Path(run_dir) / RESULTS_DIR
+
+
+def result_path(folder: str | os.PathLike, checkpoint: str) -> Path:
+    """The result file of a checkpoint in a results folder: ``e0003.h5`` → ``e0003.json``."""
+    return Path(folder) / (Path(checkpoint).stem + ".json")
+
+
+def make_result(
+    checkpoint: Checkpoint,
+    *,
+    train: Mapping[str, Any],
+    val: Mapping[str, Any] | None,
+    examples: Mapping[str, int],
+    data: Mapping[str, Any],
+    batch_size: Any,
+    backend: str,
+    device: str,
+    seconds: float,
+    evaluated: float | None = None,
+) -> dict[str, Any]:
+    """One checkpoint's result, as ``write_result`` stores it (format ``trueloss-replay/result``).
+
+    Args:
+        checkpoint: the checkpoint evaluated.
+        train: the training split's figures (``loss``, ``regularization_loss``, metrics).
+        val: the validation split's figures, or None without validation data.
+        examples: examples evaluated per split.
+        data: the data fingerprint per split; a result is reused only for the same data.
+        batch_size: the evaluation batch size per split (None for a dataset's own).
+        backend: the Keras backend that evaluated it.
+        device: the device that evaluated it.
+        seconds: how long the evaluation took.
+        evaluated: Unix seconds when it was evaluated (default now).
+
+    Returns:
+        The result dict; ``explain`` adds an ``"explain"`` entry to it later.
+    """
+    import time
+
+    return {
+        "format": RESULT_FORMAT,
+        "version": FORMAT_VERSION,
+        "checkpoint": checkpoint.name,
+        "epoch": checkpoint.epoch,
+        "step": checkpoint.step,
+        "epoch_end": checkpoint.is_epoch_end,
+        "checkpoint_time": checkpoint.time,
+        "train": dict(train),
+        "val": None if val is None else dict(val),
+        "reported": checkpoint.logs,
+        "examples": dict(examples),
+        "data": dict(data),
+        "batch_size": batch_size,
+        "backend": backend,
+        "device": device,
+        "seconds": seconds,
+        "evaluated": time.time() if evaluated is None else evaluated,
+    }
+
+
+def write_result(folder: str | os.PathLike, result: Mapping[str, Any]) -> Path:
+    """Writes a result to ``folder/<checkpoint>.json`` atomically, as strict JSON.
+
+    Returns:
+        The path written.
+
+    Raises:
+        RunWriteError: the file could not be written (``reason`` says why).
+    """
+    path = result_path(folder, result["checkpoint"])
+    atomic_write_json(path, result)
+    return path
+
+
+#: The result fields that readers use: (key, type, required). ``history`` reads the figures
+#: and ``replay`` decides from ``checkpoint_time`` and ``data`` whether to reuse a result.
+_RESULT_FIELDS = (
+    ("checkpoint", str, True),
+    ("train", dict, True),
+    ("val", dict, False),
+    ("reported", dict, False),
+    ("explain", dict, False),
+    ("data", dict, False),
+    ("step", int, False),
+    ("checkpoint_time", (int, float), False),
+)
+
+
+def read_result(path: str | os.PathLike) -> dict[str, Any]:
+    """One result file, validated: format, version and the type of every field readers use.
+
+    Raises:
+        RunFormatError: unreadable, not JSON, not a trueloss-replay result, a newer or
+            malformed version, or a field of the wrong type (the message names the file).
+
+    Example:
+        >>> read_result("runs/exp1/replay/results/e0003.json")["train"]["loss"]
+    """
+    path = Path(path)
+    fields = {"path": path, "hint": "Delete it and replay that checkpoint again."}
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise RunFormatError(
+            f"result file {path} cannot be read ({' '.join(str(e).split())}).", **fields
+        ) from e
+    if not isinstance(result, dict) or result.get("format") != RESULT_FORMAT:
+        found = result.get("format") if isinstance(result, dict) else type(result).__name__
+        raise RunFormatError(
+            f"result file {path} is not a trueloss-replay result (format {found!r}).", **fields
+        )
+    check_version(result.get("version"), f"result file {path}", **fields)
+    for key, kind, required in _RESULT_FIELDS:
+        value = result.get(key)
+        if (value is not None or required) and not isinstance(value, kind):
+            raise RunFormatError(f"result file {path} has no valid {key!r} entry.", **fields)
+    if isinstance(result.get("checkpoint_time"), bool) or isinstance(result.get("step"), bool):
+        raise RunFormatError(f"result file {path} has a true/false step or time.", **fields)
+    if parse_checkpoint_name(result["checkpoint"]) is None:
+        raise RunFormatError(
+            f"result file {path} names the checkpoint {result['checkpoint']!r}, which is not "
+            "a checkpoint file name.",
+            **fields,
+        )
+    return result
+
+
+def list_results(folder: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every result file in a results folder, validated, in training order.
+
+    Only files named after a checkpoint (``e0003.json``, ``e0001-s000450.json``) are read;
+    the hidden temporary files of a write in progress and any other file are ignored.
+
+    Raises:
+        RunFormatError: a result file is damaged (the message names it).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    results = []
+    for entry in os.scandir(folder):
+        stem, suffix = os.path.splitext(entry.name)
+        if suffix != ".json" or parse_checkpoint_name(stem + ".h5") is None:
+            continue
+        if entry.is_file():
+            results.append(read_result(entry.path))
+    return sorted(results, key=lambda r: checkpoint_order(r["checkpoint"]))
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -864,30 +1097,34 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
     path = run_dir / MANIFEST
     if not run_dir.is_dir():
         raise RunFormatError(
-            f"run folder {run_dir} does not exist. Pass the folder given to ReplayCheckpoint."
+            f"run folder {run_dir} does not exist. Pass the folder given to ReplayCheckpoint.",
+            path=run_dir,
         )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise RunFormatError(
             f"{run_dir} has no {MANIFEST}; it is not a trueloss-replay run folder. Pass the "
-            "folder given to ReplayCheckpoint."
+            "folder given to ReplayCheckpoint.",
+            path=path,
         ) from e
     except (OSError, ValueError) as e:
         raise RunFormatError(
-            f"{path} cannot be read as JSON ({' '.join(str(e).split())}); the manifest is damaged."
+            f"{path} cannot be read as JSON ({' '.join(str(e).split())}); the manifest is damaged.",
+            path=path,
         ) from e
     if not isinstance(manifest, dict) or manifest.get("format") != RUN_FORMAT:
         raise RunFormatError(
             f"{path} is not a trueloss-replay manifest (format "
-            f"{manifest.get('format') if isinstance(manifest, dict) else None!r})."
+            f"{manifest.get('format') if isinstance(manifest, dict) else None!r}).",
+            path=path,
         )
-    check_version(manifest.get("version"), str(path))
+    check_version(manifest.get("version"), str(path), path=path)
     _check_manifest(manifest, path)
     return manifest
 
 
-def check_version(version: Any, what: str) -> int:
+def check_version(version: Any, what: str, **fields: Any) -> int:
     """Checks a file's ``version`` field: an integer this trueloss-replay reads.
 
     Args:
@@ -897,18 +1134,22 @@ def check_version(version: Any, what: str) -> int:
     Returns:
         The version.
 
+        fields: the error's fields (``path``, ``hint``), as ``TruelossReplayError`` takes them.
+
     Raises:
         RunFormatError: not an integer (``"one"``, ``"1.0"``, missing), or a newer version.
     """
     if isinstance(version, (bool, np.bool_)) or not isinstance(version, (int, np.integer)):
         raise RunFormatError(
             f"{what}: field 'version' is {_described(version)}, not an integer format "
-            "version; the file is damaged or was not written by trueloss-replay."
+            "version; the file is damaged or was not written by trueloss-replay.",
+            **fields,
         )
     if version > FORMAT_VERSION:
         raise RunFormatError(
             f"{what} has format version {version}; this trueloss-replay reads up to "
-            f"{FORMAT_VERSION}. Upgrade trueloss-replay."
+            f"{FORMAT_VERSION}.",
+            **{**fields, "hint": "Upgrade trueloss-replay."},
         )
     return int(version)
 
@@ -990,7 +1231,9 @@ def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
         if value is not None and not check(value):
             raise RunFormatError(
                 f"{path}: field {name!r} must be {expected}, not {_described(value)}; the "
-                "manifest is damaged. Copy it again from where the run was trained."
+                "manifest is damaged.",
+                path=path,
+                hint="Copy it again from where the run was trained.",
             )
 
 

@@ -34,6 +34,7 @@ from trueloss_replay.errors import (
     EvaluationError,
     ReplayIncompleteError,
     RunFormatError,
+    RunWriteError,
     TruelossReplayError,
 )
 from trueloss_replay.progress import ProgressHooks, progress_display
@@ -68,21 +69,17 @@ def parse_epochs(spec: str | Iterable[int] | None) -> runfmt.EpochSet | None:
                 raise ValueError
         except ValueError as e:
             raise DataError(
-                f"--epochs {spec!r}: {part!r} is not an epoch or a range like 5-9."
+                f"{part!r} is not an epoch or a range like 5-9 (in epochs={spec!r}).",
+                usage=True,
+                argument="epochs",
             ) from e
         ranges.append((lo, hi))
     return runfmt.EpochSet(ranges)
 
 
-def result_path(output: Path, checkpoint_name: str) -> Path:
-    return output / (Path(checkpoint_name).stem + ".json")
-
-
 def _reusable(path: Path, checkpoint: runfmt.Checkpoint, fingerprints: dict) -> dict | None:
-    from trueloss_replay.history import read_result
-
     try:
-        result = read_result(path)
+        result = runfmt.read_result(path)
     except RunFormatError:
         return None
     if result.get("checkpoint_time") != checkpoint.time or result.get("data") != fingerprints:
@@ -183,7 +180,6 @@ def replay(
     from trueloss_replay.history import (
         build_frame,
         history_from_frame,
-        read_result,
         replay_folder,
         write_exports,
     )
@@ -197,7 +193,11 @@ def replay(
     fingerprints = {name: split.fingerprint for name, split in splits.items()}
     device_names = resolve_devices(devices) if isinstance(devices, str) else list(devices)
     if not device_names:
-        raise DataError("devices names no device; use 'auto', 'cpu', 'gpu' or device names.")
+        raise DataError(
+            "devices= names no device; use 'auto', 'cpu', 'gpu' or device names.",
+            usage=True,
+            argument="devices",
+        )
     output = Path(output) if output is not None else run.results_dir
     try:
         output.mkdir(parents=True, exist_ok=True)
@@ -212,14 +212,17 @@ def replay(
         if (wanted is None or c.epoch in wanted) and (c.is_epoch_end or not epoch_end_only)
     ]
     if wanted is not None and not checkpoints:
-        raise DataError(f"--epochs selects no checkpoint of {run.path}.")
+        raise DataError(
+            f"epochs= selects no checkpoint of {run.path}.", usage=True, argument="epochs"
+        )
     failures: dict[str, str] = {c.name: c.error for c in checkpoints if c.error}
+    unwritten: dict[Path, str] = {}  # result files computed but not written
     results: dict[str, dict] = {}
     todo = []
     for c in checkpoints:
         if c.error:
             continue
-        reused = None if force else _reusable(result_path(output, c.name), c, fingerprints)
+        reused = None if force else _reusable(runfmt.result_path(output, c.name), c, fingerprints)
         if reused is not None:
             results[c.name] = reused
         else:
@@ -254,24 +257,33 @@ def replay(
                 jit_compile=jit_compile,
                 results=results,
                 failures=failures,
+                unwritten=unwritten,
                 progress=hooks,
                 data_major=data_major,
             )
 
     # Unselected checkpoints keep the results stored earlier, so the History covers the run.
     for c in everything:
-        stored = result_path(output, c.name)
+        stored = runfmt.result_path(output, c.name)
         if c.name not in results and c.name not in failures and stored.is_file():
             with contextlib.suppress(RunFormatError):
-                results[c.name] = read_result(stored)
+                results[c.name] = runfmt.read_result(stored)
     ordered = [results[c.name] for c in everything if c.name in results]
     _warn_mixed_data(ordered, run.path)
     # Built from what is in memory; the exports are the same figures, not a second read.
     frame = build_frame(ordered, run.manifest, everything)
     history = history_from_frame(frame, run.manifest.get("params"))
-    write_exports(frame, history, replay_folder(run.path, output))
+    try:
+        write_exports(frame, history, replay_folder(run.path, output))
+    except RunWriteError as e:
+        if not failures:
+            raise
+        # The lost checkpoints and results are named first: they matter more than the export.
+        raise ReplayIncompleteError(
+            run.path, failures, history, len(ordered), unwritten, export_error=e
+        ) from e
     if failures:
-        raise ReplayIncompleteError(run.path, failures, history, len(ordered))
+        raise ReplayIncompleteError(run.path, failures, history, len(ordered), unwritten)
     return history
 
 
@@ -287,6 +299,7 @@ def _evaluate_all(
     jit_compile,
     results,
     failures,
+    unwritten,
     progress,
     data_major=False,
     replicas: dict[str, _Replica] | None = None,
@@ -314,8 +327,10 @@ def _evaluate_all(
 
     def done(checkpoint, result) -> None:
         try:
-            runfmt.atomic_write_json(result_path(output, checkpoint.name), result)
-        except TruelossReplayError as e:
+            runfmt.write_result(output, result)
+        except RunWriteError as e:  # a full disk: the figures are lost, and said so
+            with lock:
+                unwritten[runfmt.result_path(output, checkpoint.name)] = e.reason or str(e)
             failed(checkpoint, e)
             return
         with lock:
@@ -415,29 +430,21 @@ class _Context:
                 )
 
     def result(self, checkpoint, figures, examples, seconds: float) -> dict[str, Any]:
-        return {
-            "format": runfmt.RESULT_FORMAT,
-            "version": runfmt.FORMAT_VERSION,
-            "checkpoint": checkpoint.name,
-            "epoch": checkpoint.epoch,
-            "step": checkpoint.step,
-            "epoch_end": checkpoint.is_epoch_end,
-            "checkpoint_time": checkpoint.time,
-            "train": figures.get("train"),
-            "val": figures.get("val"),
-            "reported": checkpoint.logs,
-            "examples": examples,
-            "data": self.fingerprints,
+        return runfmt.make_result(
+            checkpoint,
+            train=figures["train"],
+            val=figures.get("val"),
+            examples=examples,
+            data=self.fingerprints,
             # Array data is cut at this size; datasets keep their own batches.
-            "batch_size": {
+            batch_size={
                 name: self.batch if isinstance(split, ArraySplit) else None
                 for name, split in self.splits.items()
             },
-            "backend": self.evaluator.backend.NAME,
-            "device": self.evaluator.device,
-            "seconds": seconds,
-            "evaluated": time.time(),
-        }
+            backend=self.evaluator.backend.NAME,
+            device=self.evaluator.device,
+            seconds=seconds,
+        )
 
 
 def _checkpoint_major_loop(ctx: _Context, work: queue.Queue) -> None:
@@ -543,7 +550,7 @@ def _warn_mixed_data(results: list[dict], run_path: Path) -> None:
     if len(seen) > 1:
         warnings.warn(
             f"trueloss-replay: the checkpoints of {run_path} were evaluated on different data "
-            "(their data fingerprints differ); rerun the replay with --force to evaluate all "
+            "(their data fingerprints differ); rerun the replay with force= to evaluate all "
             "of them on the same data.",
             stacklevel=3,
         )

@@ -89,7 +89,9 @@ def resolve_devices(spec: str = "auto") -> list[str]:
     if spec == "gpu":
         if not gpus:
             raise DataError(
-                f"devices='gpu': {backend.DISPLAY_NAME} sees no GPU; use devices='cpu' or 'auto'."
+                f"{backend.DISPLAY_NAME} sees no GPU; use devices='cpu' or 'auto'.",
+                usage=True,
+                argument="devices",
             )
         return gpus
     chosen = []
@@ -98,12 +100,18 @@ def resolve_devices(spec: str = "auto") -> list[str]:
         matches = [d for d in gpus + cpus if _short(d) == short]
         if not matches:
             raise DataError(
-                f"devices={spec!r}: there is no device {part}; {backend.DISPLAY_NAME} sees "
-                f"{', '.join(cpus + gpus)}."
+                f"there is no device {part} (in devices={spec!r}); {backend.DISPLAY_NAME} sees "
+                f"{', '.join(cpus + gpus)}.",
+                usage=True,
+                argument="devices",
             )
         chosen.append(matches[0])
     if not chosen:
-        raise DataError(f"devices={spec!r} names no device; use auto, cpu, gpu or 0,1.")
+        raise DataError(
+            f"devices={spec!r} names no device; use auto, cpu, gpu or 0,1.",
+            usage=True,
+            argument="devices",
+        )
     return chosen
 
 
