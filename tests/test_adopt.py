@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from trueloss_replay import ReplayCheckpoint, adopt, load_history, replay
-from trueloss_replay.adopt import epoch_parser
+from trueloss_replay.adoption import epoch_parser
 from trueloss_replay.cli import main
 from trueloss_replay.errors import (
     AdoptError,
@@ -304,8 +304,10 @@ def _bad_sources(keras_run, tmp_path, case: str) -> tuple[Path, dict, type, str]
     if case == "other shape":
         src = _copy(keras_run, tmp_path)
         _other_model_weights(src / "ckpt-002.weights.h5", units=12)
+        # Keras names layers by how many came before in the process: read the model's own.
+        kernel = keras.saving.load_model(keras_run.model_file()).layers[0].kernel.path
         text = (
-            f"checkpoint {src / 'ckpt-002.weights.h5'}: variable 'dense/kernel' "
+            f"checkpoint {src / 'ckpt-002.weights.h5'}: variable '{kernel}' "
             "(layers/dense/vars/0) has shape (8, 12), the model expects (8, 16)"
         )
         return src, model_file, CheckpointMismatchError, text

@@ -54,3 +54,18 @@ def test_importing_the_package_starts_neither_tensorflow_nor_matplotlib():
 def test_scripts_are_executable():
     for script in ("scripts/demo", "scripts/test", ".ci/run"):
         assert (ROOT / script).stat().st_mode & 0o111, f"{script} is not executable"
+
+
+def test_public_names_stay_themselves_after_every_module_is_imported():
+    # A module named like a public function (explain.py beside explain()) replaces that
+    # function on the package as soon as anything imports the module.
+    code = (
+        "import importlib, pkgutil, types, trueloss_replay\n"
+        "for m in pkgutil.walk_packages(trueloss_replay.__path__, 'trueloss_replay.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "from trueloss_replay import *\n"
+        "print(sorted(n for n in trueloss_replay.__all__\n"
+        "             if isinstance(getattr(trueloss_replay, n), types.ModuleType)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"

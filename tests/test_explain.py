@@ -18,7 +18,7 @@ from tests.conftest import make_data
 from trueloss_replay import ReplayCheckpoint
 from trueloss_replay.engine import load_model
 from trueloss_replay.errors import DataError
-from trueloss_replay.explain import (
+from trueloss_replay.explanation import (
     ExplainIncompleteError,
     TrainingModeEvaluator,
     explain,

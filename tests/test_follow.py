@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from trueloss_replay import ReplayCheckpoint, Run, follow, replay
 from trueloss_replay.backends import share_device_memory
 from trueloss_replay.cli import main
-from trueloss_replay.follow import MISSED_REASON
+from trueloss_replay.following import MISSED_REASON
 from trueloss_replay.history import read_json
 from trueloss_replay.run import atomic_write_json, read_manifest, read_result
 from trueloss_replay.tensorboard import export_tensorboard

@@ -76,6 +76,10 @@ FLAGS = {
     "data_major": "--data-major",
     "metrics": "--metric",
     "seeds": "--seeds",
+    "pattern": "--pattern",
+    "model_file": "--model-file",
+    "allow_gaps": "--allow-gaps",
+    "log": "--log",
 }
 
 
@@ -814,7 +818,7 @@ class _FollowLog:
 
 def _follow(run_dir: Path, *, poll, idle_timeout, no_progress, **options) -> None:
     from trueloss_replay.errors import ReplayIncompleteError
-    from trueloss_replay.follow import DEFAULT_POLL, follow
+    from trueloss_replay.following import DEFAULT_POLL, follow
     from trueloss_replay.run import RESULTS_DIR
 
     folder = options["output"] or run_dir / RESULTS_DIR
@@ -908,8 +912,8 @@ def explain(
         trueloss-replay explain runs/exp1 --seeds 10 --batch-size 64
         trueloss-replay plot runs/exp1 --explain
     """
-    from trueloss_replay.explain import ExplainIncompleteError, verdict
-    from trueloss_replay.explain import explain as run_explain
+    from trueloss_replay.explanation import ExplainIncompleteError, verdict
+    from trueloss_replay.explanation import explain as run_explain
 
     try:
         frame = run_explain(
@@ -961,7 +965,7 @@ def _explain_table(frame, title: str):
 
 
 def _pattern_option(value: str | None):
-    from trueloss_replay.adopt import epoch_parser
+    from trueloss_replay.adoption import epoch_parser
     from trueloss_replay.errors import AdoptError
 
     if value is not None:
@@ -1035,7 +1039,7 @@ def adopt(
             --model-file model.keras --train train.npz --val val.npz --log training.log
         trueloss-replay replay runs/exp1
     """
-    from trueloss_replay.adopt import adopt as adopt_run
+    from trueloss_replay.adoption import adopt as adopt_run
 
     if model_ref is not None and model_file is not None:
         raise click.UsageError("pass --model or --model-file, not both.")

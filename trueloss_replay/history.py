@@ -48,7 +48,7 @@ HISTORY_JSON = "history.json"
 FRAME_COLUMNS = ("checkpoint", "epochs_completed", "step")
 REGULARIZATION_KEYS = ("regularization_loss", "val_regularization_loss")
 REPORTED_PREFIX = "reported_"
-#: ``result["explain"]`` parts (``explain.py``) and their History keys.
+#: ``result["explain"]`` parts (``explanation.py``) and their History keys.
 GAP_KEYS = {
     "penalty": "gap_penalty",
     "training_mode": "gap_training_mode",

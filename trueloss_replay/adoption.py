@@ -200,8 +200,8 @@ def find_checkpoints(
             how = f"pattern {pattern!r}" if pattern else "the default pattern (its first integer)"
             raise AdoptError(
                 f"checkpoint {Path(entry.path)} does not name an epoch by {how}; pass the "
-                "pattern given to ModelCheckpoint (pattern=, --pattern), e.g. "
-                "'ckpt-{epoch:03d}.weights.h5', or move the file out of the folder."
+                "filepath given to ModelCheckpoint as pattern=, e.g. "
+                "pattern='ckpt-{epoch:03d}.weights.h5', or move the file out of the folder."
             )
         if epoch in by_epoch:
             raise AdoptError(
@@ -476,8 +476,8 @@ def _architecture(
     if not archives:
         raise ModelLoadError(
             f"the checkpoints in {checkpoints[0].path.parent} are weights only and no model "
-            "architecture was given; pass model_file= (--model-file X.keras, a model saved "
-            "with model.save) or model= (--model MODULE:FUNCTION, a builder)."
+            "architecture was given; pass model_file= (a .keras model saved with model.save) "
+            "or model='module:function' (a builder)."
         )
     source = Path(archives[0])
     loaded = load_model_file(source, None, unsafe)  # a damaged archive is named first
@@ -485,8 +485,8 @@ def _architecture(
     if not config or not config.get("loss"):
         raise ModelLoadError(
             f"{source} was saved from a model compiled without a loss, so there is no loss to "
-            "replay; pass model= (--model MODULE:FUNCTION) returning the model compiled as "
-            "for training."
+            "replay; pass model='module:function' returning the model compiled as for "
+            "training."
         )
     return loaded, config
 
@@ -637,7 +637,7 @@ def _check_epochs(
     if not allow_gaps:
         raise AdoptError(
             f"source folder {src} has no checkpoint for epoch(s) {listed} of 1-{last}; pass "
-            "allow_gaps=True (--allow-gaps) if the run saved only some epochs "
+            "allow_gaps=True if the run saved only some epochs "
             "(save_best_only=True), or restore the missing files."
         )
     warnings.warn(
@@ -753,8 +753,8 @@ def _save_model(model, folder: Path) -> str | None:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         warnings.warn(
             f"trueloss-replay: the architecture of {type(model).__name__} cannot be saved to "
-            f"model.keras ({first[:200]}); replay the adopted run with a model builder: "
-            "trueloss-replay replay --model MODULE:FUNCTION.",
+            f"model.keras ({first[:200]}); replay the adopted run with a model builder, "
+            "model='module:function'.",
             stacklevel=4,
         )
         return None
