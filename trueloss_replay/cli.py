@@ -719,6 +719,21 @@ def replay(
     if logdir is not None and logdir_alias is not None and logdir != logdir_alias:
         raise click.UsageError("--tensorboard is another name for --logdir; give one of them.")
     logdir = logdir or logdir_alias
+    # What replay and the follower both take.
+    options = dict(
+        data=data,
+        train=train,
+        val=val,
+        batch_size=batch_size,
+        devices=devices,
+        epochs=epochs,
+        force=force,
+        output=results,
+        unsafe_deserialization=unsafe_deserialization,
+        model=model_ref,
+        imports=imports,
+        trust_data_factory=trust_data_factory,
+    )
     if follow:
         if data_major:
             raise click.UsageError(
@@ -732,18 +747,7 @@ def replay(
             logdir=logdir,
             plot=not no_plot,
             no_progress=no_progress,
-            data=data,
-            train=train,
-            val=val,
-            batch_size=batch_size,
-            devices=devices,
-            epochs=epochs,
-            force=force,
-            output=results,
-            unsafe_deserialization=unsafe_deserialization,
-            model=model_ref,
-            imports=imports,
-            trust_data_factory=trust_data_factory,
+            **options,
         )
         return
     for flag, value in (("--poll", poll), ("--idle-timeout", idle_timeout), ("--no-plot", no_plot)):
@@ -756,21 +760,7 @@ def replay(
         )
     try:
         history = run_replay(
-            run_dir,
-            data=data,
-            train=train,
-            val=val,
-            batch_size=batch_size,
-            devices=devices,
-            epochs=epochs,
-            force=force,
-            output=results,
-            unsafe_deserialization=unsafe_deserialization,
-            model=model_ref,
-            imports=imports,
-            data_major=data_major,
-            progress=not no_progress,
-            trust_data_factory=trust_data_factory,
+            run_dir, data_major=data_major, progress=not no_progress, **options
         )
     except ReplayIncompleteError as e:
         if e.history.epoch:
