@@ -212,8 +212,8 @@ def _shard_from_environment(environ: Mapping[str, str], count: int | None, spec)
         if step < 1 or offset < 0 or offset % step or offset // step >= count:
             raise ShardError(
                 f"shard='auto': Slurm array task {task} (min {first}, step {step}, count "
-                f"{count}) is not one of a contiguous array; submit with --array=0-{count - 1} "
-                "(or any range a-b[:step]), not a list of ids.",
+                f"{count}) is not one of a contiguous array; submit the array as a range "
+                f"such as 0-{count - 1} (or a-b:step), not as a list of ids.",
                 argument="shard",
             )
         return Shard(offset // step, count)
