@@ -1,11 +1,12 @@
 """Replaying a run: choosing checkpoints, reusing results, scheduling devices, writing results.
 
 ``replay()`` is the orchestration; each of its parts has a name here: ``select`` picks the
-checkpoints and the results that can be reused, ``_evaluate_all`` spreads the rest over the
-devices (one worker thread and one model replica per device, pulling from one queue), the
-loops evaluate one checkpoint at a time or several per produced batch (data-major), and each
-result is written atomically as soon as it is computed, so an interrupted replay resumes
-where it stopped. The figures themselves come from ``engine.Evaluator``.
+checkpoints and the results that can be reused, ``Shard`` keeps a job-array task's share
+of them (``parse_shard`` reads it from Slurm or Kubernetes), ``_evaluate_all`` spreads the
+rest over the devices (one worker thread and one model replica per device, pulling from one
+queue), the loops evaluate one checkpoint at a time or several per produced batch
+(data-major), and each result is written atomically as soon as it is computed, so an
+interrupted replay resumes where it stopped. The figures themselves come from ``engine.Evaluator``.
 """
 
 from __future__ import annotations
