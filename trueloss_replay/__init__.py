@@ -27,6 +27,8 @@ _EXPORTS = {
     "RunFormatError": "trueloss_replay.errors",
     "RunLockedError": "trueloss_replay.errors",
     "RunWriteError": "trueloss_replay.errors",
+    "Shard": "trueloss_replay.scheduler",
+    "ShardError": "trueloss_replay.errors",
     "TruelossReplayError": "trueloss_replay.errors",
     "adopt": "trueloss_replay.adoption",
     "explain": "trueloss_replay.explanation",
@@ -35,6 +37,7 @@ _EXPORTS = {
     "load_frame": "trueloss_replay.history",
     "load_history": "trueloss_replay.history",
     "load_weights": "trueloss_replay.run",
+    "parse_shard": "trueloss_replay.scheduler",
     "plot_history": "trueloss_replay.plot",
     "replay": "trueloss_replay.scheduler",
 }

@@ -36,6 +36,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 if TYPE_CHECKING:
     from trueloss_replay.run import EpochSet
+    from trueloss_replay.scheduler import Shard
 
 
 class _LocalPath(click.Path):
@@ -80,6 +81,7 @@ FLAGS = {
     "model_file": "--model-file",
     "allow_gaps": "--allow-gaps",
     "log": "--log",
+    "shard": "--shard",
 }
 
 
@@ -266,11 +268,26 @@ def history(run_dir: Path, fmt: str | None, out: Path | None, full: bool, result
     table = hist.load_frame(run_dir, results) if full else hist.load_history(run_dir, results)
     if fmt == "table":
         _print(_frame_table(table) if full else _history_table(table))
+        click.echo(_coverage_line(hist.replay_coverage(run_dir, results)))
     elif out is not None:
         (hist.write_csv if fmt == "csv" else hist.write_json)(table, out)
         click.echo(f"wrote {out}")
     else:
         click.echo(hist.format_csv(table) if fmt == "csv" else hist.format_json(table), nl=False)
+
+
+#: Missing checkpoints named in full on the coverage line; more are counted.
+_MISSING_SHOWN = 10
+
+
+def _coverage_line(coverage) -> str:
+    """``7 of 10 checkpoints replayed; missing: e0003, e0007, e0009``."""
+    line = f"{len(coverage.replayed)} of {coverage.total} checkpoints replayed"
+    if not coverage.missing:
+        return line + "."
+    names = [Path(name).stem for name in coverage.missing[:_MISSING_SHOWN]]
+    more = len(coverage.missing) - len(names)
+    return f"{line}; missing: {', '.join(names)}" + (f" and {more} more" if more else "")
 
 
 def _number(value) -> str:
@@ -603,6 +620,12 @@ def _epochs_option(value: str | None):
     return parse_epochs(value)
 
 
+def _shard_option(value: str | None):
+    from trueloss_replay.scheduler import parse_shard
+
+    return parse_shard(value)  # a bad value: a usage error naming shard=, see FLAGS
+
+
 def _follow_option(ctx, param, value: bool) -> bool:
     # Eager, so that it runs before --devices starts the devices: after that, JAX and
     # TensorFlow would keep the GPU memory they took.
@@ -664,6 +687,13 @@ def _follow_option(ctx, param, value: bool) -> bool:
     help="Checkpoints to evaluate, by completed epochs, e.g. 1,3,5-9.",
 )
 @click.option("--force", is_flag=True, help="Recompute results that already exist.")
+@click.option(
+    "--shard",
+    metavar="i/n|auto",
+    callback=lambda ctx, param, value: _shard_option(value),
+    help="Evaluate only share i of n (from 0; checkpoint p goes to shard p mod n), for the "
+    "jobs of a job array; auto reads Slurm's or a Kubernetes Indexed Job's variables.",
+)
 @_results_option("--output")
 @_model_options
 @click.option(
@@ -688,6 +718,7 @@ def replay(
     devices: list[str],
     epochs: EpochSet | None,
     force: bool,
+    shard: Shard | None,
     results: Path | None,
     unsafe_deserialization: bool,
     model_ref: str | None,
@@ -705,6 +736,11 @@ def replay(
     rewritten after each. Exit 0 when the training finished, 1 when it failed or after
     --idle-timeout, 130 on Ctrl-C (every result written is kept).
 
+    With --shard i/n, n processes (the tasks of a Slurm array or a Kubernetes Indexed Job)
+    replay one run together, each its share; whichever finishes rewrites history.csv and
+    history.json from all the results present. `trueloss-replay history` shows what is
+    still missing.
+
     \b
     Example:
         trueloss-replay replay runs/exp1
@@ -712,6 +748,8 @@ def replay(
         trueloss-replay replay runs/exp1 --epochs 10-20 --batch-size 4096 --force
         trueloss-replay replay runs/exp1 --follow --idle-timeout 3600 --logdir logs/exp1
         trueloss-replay replay runs/exp1 --results /scratch/exp1-results
+        trueloss-replay replay runs/exp1 --shard 0/4
+        trueloss-replay replay runs/exp1 --shard auto
     """
     from trueloss_replay.errors import ReplayIncompleteError
     from trueloss_replay.scheduler import replay as run_replay
@@ -735,6 +773,11 @@ def replay(
         trust_data_factory=trust_data_factory,
     )
     if follow:
+        if shard is not None:
+            raise click.UsageError(
+                "--shard splits the checkpoints that are there; --follow evaluates each as "
+                "it lands. Give one of them."
+            )
         if data_major:
             raise click.UsageError(
                 "--data-major groups checkpoints that are all there; --follow evaluates each "
@@ -758,19 +801,60 @@ def replay(
             f"Directory {str(run_dir)!r} does not exist (with --follow it may not exist yet).",
             param_hint="'RUN_DIR'",
         )
+    tally = None
     try:
-        history = run_replay(
-            run_dir, data_major=data_major, progress=not no_progress, **options
-        )
+        with contextlib.ExitStack() as stack:
+            progress = not no_progress
+            if shard is not None:
+                from trueloss_replay.progress import progress_display
+
+                tally = _Tally(stack.enter_context(progress_display(progress)))
+                progress = tally
+            history = run_replay(
+                run_dir, data_major=data_major, progress=progress, shard=shard, **options
+            )
     except ReplayIncompleteError as e:
         if e.history.epoch:
             _print(_summary_table(e.history, f"true loss of {run_dir} (incomplete)"))
+        if tally is not None:
+            click.echo(tally.summary(shard, run_dir, results))
         if logdir is not None and e.history.epoch:
             _export_tensorboard(run_dir, logdir, results)
         raise
     _print(_summary_table(history, f"true loss of {run_dir}"))
+    if tally is not None:
+        click.echo(tally.summary(shard, run_dir, results))
     if logdir is not None:
         _export_tensorboard(run_dir, logdir, results)
+
+
+class _Tally:
+    """Forwards the progress hooks to a display and keeps the names of what it evaluated."""
+
+    def __init__(self, target):
+        self._target = target
+        self.evaluated: list[str] = []
+        self.reused: list[str] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self._target, name)
+
+    def checkpoint_done(self, result, reused: bool) -> None:
+        if result is not None:
+            (self.reused if reused else self.evaluated).append(result["checkpoint"])
+        self._target.checkpoint_done(result, reused)
+
+    def summary(self, shard, run_dir: Path, results: Path | None) -> str:
+        """``shard 1/3: evaluated e0001, e0004; reused none. 5 of 6 checkpoints ...``"""
+        from trueloss_replay.history import replay_coverage
+
+        def names(found: list[str]) -> str:
+            return ", ".join(Path(n).stem for n in found) or "none"
+
+        return (
+            f"shard {shard}: evaluated {names(self.evaluated)}; reused {names(self.reused)}. "
+            + _coverage_line(replay_coverage(run_dir, results))
+        )
 
 
 def _export_tensorboard(run_dir: Path, logdir: Path, results: Path | None) -> None:

@@ -139,6 +139,13 @@ class DataError(TruelossReplayError, ValueError):
     """A data source is missing, malformed, or does not fit the model."""
 
 
+class ShardError(TruelossReplayError, ValueError):
+    """A shard (``shard="i/n"`` or ``"auto"``) is malformed, out of range, or cannot be read
+    from the job array's environment variables. A usage error: the caller's to fix."""
+
+    usage = True
+
+
 class ModelLoadError(TruelossReplayError, ValueError):
     """The model could not be rebuilt from the run folder."""
 

@@ -21,6 +21,7 @@ place in the lists. In JSON, NaN is written as ``null`` and infinities as the st
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -31,11 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import filelock
 import numpy as np
 import pandas as pd
 
 from trueloss_replay import run as runfmt
-from trueloss_replay.errors import RunFormatError
+from trueloss_replay.errors import RunFormatError, RunWriteError
 from trueloss_replay.run import results_folder
 
 if TYPE_CHECKING:
@@ -43,6 +45,8 @@ if TYPE_CHECKING:
 
 HISTORY_CSV = "history.csv"
 HISTORY_JSON = "history.json"
+#: Taken while the results present are read and the exports written (``exports_lock``).
+EXPORTS_LOCK = ".exports.lock"
 
 #: The frame's leading columns; every other column is a figure named like a History key.
 FRAME_COLUMNS = ("checkpoint", "epochs_completed", "step")
@@ -602,10 +606,49 @@ def export_history(
         >>> export_history("runs/exp1")  # runs/exp1/replay/history.csv, history.json
     """
     run = runfmt.Run(run_dir)
-    frame = build_frame(load_results(run_dir, output), run.manifest, run.checkpoints())
-    history = history_from_frame(frame, run.manifest.get("params"))
-    write_exports(frame, history, replay_folder(run_dir, output))
+    folder = replay_folder(run_dir, output)
+    with exports_lock(folder):
+        frame = build_frame(load_results(run_dir, output), run.manifest, run.checkpoints())
+        history = history_from_frame(frame, run.manifest.get("params"))
+        write_exports(frame, history, folder)
     return history
+
+
+@contextlib.contextmanager
+def exports_lock(folder: str | os.PathLike):
+    """Holds the OS file lock ``FOLDER/.exports.lock`` while the exports are rebuilt.
+
+    The shards of a replay (``replay(shard=...)``) write into one folder; each reads the
+    results present and writes ``history.csv`` and ``history.json`` inside this lock, so the
+    shard that takes it last writes exports holding every result, and no shard overwrites
+    them with an older view. The OS drops the lock when its process dies (``kill -9``).
+
+    Args:
+        folder: the folder the exports go to (``replay_folder``); created if missing.
+
+    Raises:
+        RunWriteError: the folder or its lock file cannot be created.
+
+    Example:
+        >>> with exports_lock("runs/exp1/replay"):
+        ...     write_exports(frame, history, "runs/exp1/replay")
+    """
+    folder = Path(folder)
+    path = folder / EXPORTS_LOCK
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = filelock.FileLock(path)
+        lock.acquire()
+    except OSError as e:
+        raise RunWriteError(
+            f"cannot take the lock {path} to write the exports: {e.strerror or e}. Check "
+            "that the folder is writable.",
+            path=path,
+        ) from e
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def write_exports(
@@ -716,3 +759,53 @@ def _verify(path: Path, variables: Any) -> str | None:
     except (RunFormatError, OSError) as e:
         return _one_line(e)
     return None
+
+
+@dataclass
+class ReplayCoverage:
+    """Which checkpoints of a run have a result, as ``replay_coverage`` found them.
+
+    Attributes:
+        replayed: names of the checkpoints with a result file, in training order.
+        missing: names of those without one (not replayed yet, another shard's share still
+            running, or unreadable), in training order.
+    """
+
+    replayed: list[str]
+    missing: list[str]
+
+    @property
+    def total(self) -> int:
+        """Checkpoints in the run."""
+        return len(self.replayed) + len(self.missing)
+
+
+def replay_coverage(
+    run_dir: str | os.PathLike, output: str | os.PathLike | None = None
+) -> ReplayCoverage:
+    """Which checkpoints of a run are replayed and which are still missing.
+
+    What the shards of a replay have done between them: a checkpoint counts as replayed
+    when its result file exists, whichever process wrote it.
+
+    Args:
+        run_dir: the run folder.
+        output: the results folder, if the replay was given one.
+
+    Returns:
+        A ``ReplayCoverage``.
+
+    Raises:
+        RunFormatError: not a run folder.
+
+    Example:
+        >>> coverage = replay_coverage("runs/exp1")
+        >>> f"{len(coverage.replayed)} of {coverage.total}", coverage.missing
+        ('7 of 10', ['e0003.h5', 'e0007.h5', 'e0009.h5'])
+    """
+    run = runfmt.Run(run_dir)
+    folder = results_folder(run_dir, output)
+    replayed, missing = [], []
+    for c in run.checkpoints():
+        (replayed if runfmt.result_path(folder, c.name).is_file() else missing).append(c.name)
+    return ReplayCoverage(replayed, missing)

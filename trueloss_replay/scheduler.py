@@ -1,11 +1,12 @@
 """Replaying a run: choosing checkpoints, reusing results, scheduling devices, writing results.
 
 ``replay()`` is the orchestration; each of its parts has a name here: ``select`` picks the
-checkpoints and the results that can be reused, ``_evaluate_all`` spreads the rest over the
-devices (one worker thread and one model replica per device, pulling from one queue), the
-loops evaluate one checkpoint at a time or several per produced batch (data-major), and each
-result is written atomically as soon as it is computed, so an interrupted replay resumes
-where it stopped. The figures themselves come from ``engine.Evaluator``.
+checkpoints and the results that can be reused, ``Shard`` keeps a job-array task's share
+of them (``parse_shard`` reads it from Slurm or Kubernetes), ``_evaluate_all`` spreads the
+rest over the devices (one worker thread and one model replica per device, pulling from one
+queue), the loops evaluate one checkpoint at a time or several per produced batch
+(data-major), and each result is written atomically as soon as it is computed, so an
+interrupted replay resumes where it stopped. The figures themselves come from ``engine.Evaluator``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import queue
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from trueloss_replay.errors import (
     ReplayIncompleteError,
     RunFormatError,
     RunWriteError,
+    ShardError,
     TruelossReplayError,
 )
 from trueloss_replay.progress import ProgressHooks, progress_display
@@ -75,6 +77,170 @@ def parse_epochs(spec: str | Iterable[int] | None) -> runfmt.EpochSet | None:
             ) from e
         ranges.append((lo, hi))
     return runfmt.EpochSet(ranges)
+
+
+#: A Kubernetes Indexed Job sets only ``JOB_COMPLETION_INDEX``; the count comes from here
+#: (or from ``shard="auto/N"``).
+SHARD_COUNT_ENV = "TRUELOSS_REPLAY_SHARD_COUNT"
+_SLURM_ID, _SLURM_COUNT = "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"
+_SLURM_MIN, _SLURM_STEP = "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP"
+_K8S_INDEX = "JOB_COMPLETION_INDEX"
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """One of ``count`` shards of a replay, ``index`` counted from 0.
+
+    A checkpoint belongs to the shard whose index is its position (from 0) in the selected
+    checkpoints, in training order, modulo ``count``: the split is balanced (shares differ by
+    at most one checkpoint), the same in every process, and independent of which results
+    already exist; checkpoints a live run adds later only append positions.
+
+    Example:
+        >>> Shard(1, 3).share(["e0000", "e0001", "e0002", "e0003", "e0004"])
+        ['e0001', 'e0004']
+    """
+
+    index: int
+    count: int
+
+    def __post_init__(self):
+        if not (0 < self.count and 0 <= self.index < self.count):
+            raise ShardError(
+                f"shard={self.index}/{self.count} is out of range: the index counts from 0 to "
+                "n-1 (shards 0/3, 1/3 and 2/3 make a whole).",
+                argument="shard",
+            )
+
+    def share(self, items: Sequence) -> list:
+        """The items at positions ``index``, ``index + count``, ... of ``items``."""
+        return list(items[self.index :: self.count])
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def parse_shard(
+    spec: str | Shard | tuple[int, int] | None, environ: Mapping[str, str] | None = None
+) -> Shard | None:
+    """The shard a ``shard`` argument names: ``"i/n"``, ``"auto"``, ``"auto/n"`` or None.
+
+    ``"auto"`` reads the job array's environment: under Slurm the index is
+    ``(SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / SLURM_ARRAY_TASK_STEP`` (so
+    ``--array=1-8`` and ``--array=0-7`` both give shards 0..7) and the count
+    ``SLURM_ARRAY_TASK_COUNT``; in a Kubernetes Indexed Job the index is
+    ``JOB_COMPLETION_INDEX`` and the count is ``n`` of ``"auto/n"`` or, failing that,
+    ``TRUELOSS_REPLAY_SHARD_COUNT``.
+
+    Args:
+        spec: the shard; None for no sharding (every checkpoint).
+        environ: the environment to read for ``"auto"`` (default ``os.environ``).
+
+    Returns:
+        A ``Shard``, or None when ``spec`` is None.
+
+    Raises:
+        ShardError: a malformed spec, an index out of range, or ``"auto"`` without the
+            variables it needs (the message names what to set).
+
+    Example:
+        >>> parse_shard("1/3")
+        Shard(index=1, count=3)
+        >>> parse_shard("auto", {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "1",
+        ...                      "SLURM_ARRAY_TASK_COUNT": "8"})
+        Shard(index=4, count=8)
+    """
+    if spec is None or isinstance(spec, Shard):
+        return spec
+    if isinstance(spec, tuple):
+        return Shard(*(int(v) for v in spec))
+    environ = os.environ if environ is None else environ
+    text = str(spec).strip()
+    head, sep, tail = text.partition("/")
+    count = _shard_int(tail, spec) if sep else None
+    if head.strip().lower() == "auto":
+        return _shard_from_environment(environ, count, spec)
+    if not sep:
+        raise ShardError(
+            f"shard={spec!r} is not a shard; give i/n (0 <= i < n, e.g. 0/4), auto, or auto/n.",
+            argument="shard",
+        )
+    return Shard(_shard_int(head, spec), count)
+
+
+def _shard_int(text: str, spec) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ShardError(
+            f"shard={spec!r} is not a shard; give i/n (0 <= i < n, e.g. 0/4), auto, or auto/n.",
+            argument="shard",
+        )
+    return value
+
+
+def _environment_int(environ: Mapping[str, str], name: str) -> int:
+    try:
+        return int(environ[name])
+    except ValueError as e:
+        raise ShardError(
+            f"shard='auto': {name}={environ[name]!r} is not an integer.", argument="shard"
+        ) from e
+
+
+def _shard_from_environment(environ: Mapping[str, str], count: int | None, spec) -> Shard:
+    if _SLURM_ID in environ:
+        task = _environment_int(environ, _SLURM_ID)
+        first = _environment_int(environ, _SLURM_MIN) if _SLURM_MIN in environ else 0
+        step = _environment_int(environ, _SLURM_STEP) if _SLURM_STEP in environ else 1
+        slurm_count = _environment_int(environ, _SLURM_COUNT) if _SLURM_COUNT in environ else None
+        if count is None and slurm_count is None:
+            raise ShardError(
+                f"shard='auto' found {_SLURM_ID} but not {_SLURM_COUNT}; set it to the number "
+                f"of array tasks, or give the count as shard='auto/N'.",
+                argument="shard",
+            )
+        if count is not None and slurm_count is not None and count != slurm_count:
+            raise ShardError(
+                f"shard={spec!r} says {count} shards but {_SLURM_COUNT}={slurm_count}; give "
+                "shard='auto' to use the array's count.",
+                argument="shard",
+            )
+        count = count if count is not None else slurm_count
+        offset = task - first
+        if step < 1 or offset < 0 or offset % step or offset // step >= count:
+            raise ShardError(
+                f"shard='auto': Slurm array task {task} (min {first}, step {step}, count "
+                f"{count}) is not one of a contiguous array; submit the array as a range "
+                f"such as 0-{count - 1} (or a-b:step), not as a list of ids.",
+                argument="shard",
+            )
+        return Shard(offset // step, count)
+    if _K8S_INDEX in environ:
+        index = _environment_int(environ, _K8S_INDEX)
+        if count is None:
+            if SHARD_COUNT_ENV not in environ:
+                raise ShardError(
+                    f"shard='auto' found {_K8S_INDEX} (a Kubernetes Indexed Job) but no count; "
+                    f"give shard='auto/N' or set {SHARD_COUNT_ENV} to the Job's completions.",
+                    argument="shard",
+                )
+            count = _environment_int(environ, SHARD_COUNT_ENV)
+        if count < 1 or index >= count:
+            raise ShardError(
+                f"shard='auto': {_K8S_INDEX}={index} is not below the count {count}; set the "
+                "count to the Job's completions.",
+                argument="shard",
+            )
+        return Shard(index, count)
+    raise ShardError(
+        f"shard='auto' found no job-array index: set {_SLURM_ID} and {_SLURM_COUNT} (a Slurm "
+        f"array job sets them) or {_K8S_INDEX} (a Kubernetes Indexed Job sets it) with the "
+        f"count in shard='auto/N' or {SHARD_COUNT_ENV}; or give shard='i/n'.",
+        argument="shard",
+    )
 
 
 def _reusable(path: Path, checkpoint: runfmt.Checkpoint, fingerprints: dict) -> dict | None:
@@ -126,6 +292,7 @@ def replay(
     progress: bool | ProgressHooks | None = True,
     data_major: bool = False,
     trust_data_factory: bool = False,
+    shard: str | Shard | tuple[int, int] | None = None,
 ):
     """Evaluates every checkpoint of a run in inference mode; returns the true-loss History.
 
@@ -162,9 +329,16 @@ def replay(
         trust_data_factory: call the manifest's recorded data factory even when it resolves
             to the standard library or an installed package (see ``data.resolve_splits``);
             a factory passed as ``data`` is always called.
+        shard: evaluate only this process's share, so that the jobs of a job array replay
+            one run together: ``"i/n"`` (``i`` from 0 to ``n - 1``; position ``p`` of the
+            selected checkpoints in training order belongs to shard ``p % n``), ``"auto"``
+            or ``"auto/n"`` to read the index (and count) from Slurm or a Kubernetes
+            Indexed Job (see ``parse_shard``). The exports are rewritten from every result
+            present, under a lock, so the last shard to finish leaves them complete.
 
     Returns:
-        keras.callbacks.History: the true curves (keys in DESIGN.md).
+        keras.callbacks.History: the true curves (keys in DESIGN.md), from every result
+        present when it returns (other shards' included).
 
     Raises:
         RunFormatError: the run folder is unreadable.
@@ -172,19 +346,23 @@ def replay(
         ModelLoadError: the model cannot be rebuilt.
         ReplayIncompleteError: some checkpoints failed; the others were evaluated and
             ``error.history`` holds their History.
+        ShardError: a malformed ``shard``, or ``"auto"`` outside a job array.
 
     Example:
         >>> history = replay("runs/exp1")
+        >>> history = replay("runs/exp1", shard="auto")  # in each task of a job array
         >>> history.history["loss"][-1], history.history["reported_loss"][-1]
     """
     from trueloss_replay.history import (
         build_frame,
+        exports_lock,
         history_from_frame,
         replay_folder,
         write_exports,
     )
 
     get_backend()  # an unsupported Keras backend is refused before any work
+    shard = parse_shard(shard)  # a bad shard is refused before the data is loaded
     run = runfmt.Run(run_dir)
     import_modules(imports)
     splits = resolve_splits(
@@ -215,6 +393,10 @@ def replay(
         raise DataError(
             f"epochs= selects no checkpoint of {run.path}.", usage=True, argument="epochs"
         )
+    if shard is not None:
+        # By position in the selection, never by what is already replayed: every shard
+        # computes the same split.
+        checkpoints = shard.share(checkpoints)
     failures: dict[str, str] = {c.name: c.error for c in checkpoints if c.error}
     unwritten: dict[Path, str] = {}  # result files computed but not written
     results: dict[str, dict] = {}
@@ -262,26 +444,38 @@ def replay(
                 data_major=data_major,
             )
 
-    # Unselected checkpoints keep the results stored earlier, so the History covers the run.
-    for c in everything:
-        stored = runfmt.result_path(output, c.name)
-        if c.name not in results and c.name not in failures and stored.is_file():
-            with contextlib.suppress(RunFormatError):
-                results[c.name] = runfmt.read_result(stored)
-    ordered = [results[c.name] for c in everything if c.name in results]
-    _warn_mixed_data(ordered, run.path)
-    # Built from what is in memory; the exports are the same figures, not a second read.
-    frame = build_frame(ordered, run.manifest, everything)
-    history = history_from_frame(frame, run.manifest.get("params"))
+    def collect():
+        # Unselected checkpoints (and other shards' shares) keep the results stored, so the
+        # History covers the run.
+        for c in everything:
+            stored = runfmt.result_path(output, c.name)
+            if c.name not in results and c.name not in failures and stored.is_file():
+                with contextlib.suppress(RunFormatError):
+                    results[c.name] = runfmt.read_result(stored)
+        ordered = [results[c.name] for c in everything if c.name in results]
+        # Built from what is in memory; the exports are the same figures, no second read.
+        frame = build_frame(ordered, run.manifest, everything)
+        return ordered, frame, history_from_frame(frame, run.manifest.get("params"))
+
+    history = None
     try:
-        write_exports(frame, history, replay_folder(run.path, output))
+        folder = replay_folder(run.path, output)
+        # Other shards write results and exports into the same folders: the results present
+        # are read and the exports written under one lock, so whichever shard takes it last
+        # writes exports that hold every result, and none is overwritten by an older view.
+        with exports_lock(folder):
+            ordered, frame, history = collect()
+            write_exports(frame, history, folder)
     except RunWriteError as e:
         if not failures:
             raise
+        if history is None:  # the lock itself could not be taken
+            ordered, _, history = collect()
         # The lost checkpoints and results are named first: they matter more than the export.
         raise ReplayIncompleteError(
             run.path, failures, history, len(ordered), unwritten, export_error=e
         ) from e
+    _warn_mixed_data(ordered, run.path)
     if failures:
         raise ReplayIncompleteError(run.path, failures, history, len(ordered), unwritten)
     return history
