@@ -177,6 +177,7 @@ def replay(
         >>> history = replay("runs/exp1")
         >>> history.history["loss"][-1], history.history["reported_loss"][-1]
     """
+    run_dir, output = runfmt.local_folders(run_dir, output)
     from trueloss_replay.history import (
         build_frame,
         history_from_frame,
