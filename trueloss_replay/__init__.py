@@ -27,6 +27,7 @@ _EXPORTS = {
     "RunFormatError": "trueloss_replay.errors",
     "RunLockedError": "trueloss_replay.errors",
     "RunWriteError": "trueloss_replay.errors",
+    "StorageError": "trueloss_replay.errors",
     "TruelossReplayError": "trueloss_replay.errors",
     "adopt": "trueloss_replay.adopt",
     "explain": "trueloss_replay.explain",

@@ -824,7 +824,7 @@ def _follow(run_dir: Path, *, poll, idle_timeout, no_progress, **options) -> Non
     from trueloss_replay.follow import DEFAULT_POLL, follow
     from trueloss_replay.run import RESULTS_DIR
 
-    folder = options["output"] or run_dir / RESULTS_DIR
+    folder = options["output"] or Path(run_dir) / RESULTS_DIR  # follow() refuses URLs
     try:
         outcome = follow(
             run_dir,

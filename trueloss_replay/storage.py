@@ -180,7 +180,9 @@ class Mirror:
             try:
                 listing = self.fs.find(self.root, detail=True, withdirs=False)
             except FileNotFoundError:
-                listing = {}
+                if self.protocol in ATOMIC_PUT:  # an object store: the bucket is missing
+                    raise
+                listing = {}  # a file system: the folder is created by the first upload
         with self._lock:
             index = self._read_index()
             remote = {}
@@ -295,9 +297,7 @@ def _filesystem(url: str, what: str):
         fsspec.get_filesystem_class(protocol)
     except ImportError as e:
         extra = EXTRAS.get(protocol)
-        install = (
-            f"pip install 'trueloss-replay[{extra}]'" if extra else _reason(e).rstrip(".")
-        )
+        install = f"pip install 'trueloss-replay[{extra}]'" if extra else _reason(e).rstrip(".")
         raise MissingDependencyError(
             f"{what} {url!r} is on {protocol}://, whose fsspec package is not installed: "
             f"{install}.",
