@@ -35,6 +35,7 @@ from trueloss_replay.errors import (
     ReplayIncompleteError,
     RunFormatError,
     RunWriteError,
+    StorageError,
     TruelossReplayError,
 )
 from trueloss_replay.progress import ProgressHooks, progress_display
@@ -329,9 +330,10 @@ def _evaluate_all(
     def done(checkpoint, result) -> None:
         try:
             runfmt.write_result(output, result)
-        except RunWriteError as e:  # a full disk: the figures are lost, and said so
+        except (RunWriteError, StorageError) as e:  # a full disk, a failed upload: said so
+            reason = getattr(e, "reason", None) or str(e)
             with lock:
-                unwritten[runfmt.result_path(output, checkpoint.name)] = e.reason or str(e)
+                unwritten[runfmt.result_path(output, checkpoint.name)] = reason
             failed(checkpoint, e)
             return
         with lock:

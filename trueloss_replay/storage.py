@@ -61,7 +61,8 @@ def cache_root() -> Path:
 
 def mirror_path(url: str, what: str = "run folder") -> Path:
     """The local mirror of ``url``, brought up to date: what is new or changed remotely is
-    downloaded, what was deleted remotely is deleted locally.
+    downloaded, and a file the URL lacks is deleted locally (deleted there, or never uploaded
+    by a process killed between its local write and the upload).
 
     Files later written into the returned folder through ``run.atomic_path`` are uploaded to
     ``url``; files removed through ``run.remove_path`` are deleted there.
@@ -167,7 +168,7 @@ class Mirror:
     # ------------------------------------------------------------------ transfers
 
     def pull(self) -> None:
-        """Downloads what is new or changed remotely; deletes locally what was deleted there."""
+        """Downloads what is new or changed remotely; deletes locally what the URL lacks."""
         try:
             self.local.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -201,11 +202,15 @@ class Mirror:
                 self._download(rel, target)
                 index[rel] = stamp
                 self._write_index(index)  # after each file: an interrupted pull resumes
-            for rel in [r for r in index if r not in remote]:
-                with contextlib.suppress(OSError):
-                    (self.local / rel).unlink()
-                del index[rel]
-            self._write_index(index)
+            # The URL is the truth: a file it lacks goes, whether it was deleted there or
+            # never reached it (a trainer killed between its local write and the upload).
+            for path in self.local.rglob("*"):
+                rel = path.relative_to(self.local).as_posix()
+                hidden = any(p.startswith(".") for p in rel.split("/"))
+                if not hidden and rel not in remote and path.is_file():
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+            self._write_index({rel: index[rel] for rel in remote})
 
     def _download(self, rel: str, target: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
