@@ -363,6 +363,15 @@ def test_callback_names_a_missing_bucket_before_training(s3):
         ReplayCheckpoint("s3://no-such-bucket/run")
 
 
+def test_a_url_without_a_run_is_named_as_the_url(s3):
+    _, prefix = s3
+
+    result = _cli("history", f"s3://{prefix}/nothing")
+
+    assert result.exit_code == 1
+    assert f"Error: s3://{prefix}/nothing has no manifest.json" in result.output
+
+
 @pytest.mark.parametrize("command", ["history", "inspect", "replay", "plot", "explain"])
 def test_protocol_without_its_package_names_the_extra(command, tmp_path, monkeypatch):
     pytest.importorskip("fsspec")
