@@ -420,26 +420,6 @@ def test_history_of_a_result_of_the_wrong_type_names_it(replayed_run, field, val
     assert f"result file {path}" in line and repr(field) in line
 
 
-@pytest.mark.parametrize("command", ["history", "inspect", "replay", "plot", "export"])
-def test_run_folder_given_as_a_url_is_refused(command, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "gs:" / "bucket" / "run").mkdir(parents=True)  # what a URL would become
-
-    result = invoke(command, "gs://bucket/run", *(["--logdir", "tb"] * (command == "export")))
-
-    assert result.exit_code == 2
-    assert "'gs://bucket/run' is a URL; trueloss-replay reads and writes local folders" in (
-        " ".join(result.output.split())
-    )
-
-
-def test_results_folder_given_as_a_url_is_refused(replayed_run):
-    result = invoke("history", replayed_run, "--results", "s3://bucket/results")
-
-    assert result.exit_code == 2
-    assert "'s3://bucket/results' is a URL" in " ".join(result.output.split())
-
-
 @pytest.mark.parametrize("fmt", ["table", "csv"])
 def test_history_into_a_closed_pipe_exits_quietly(replayed_run, fmt):
     import subprocess

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -15,7 +14,6 @@ import pytest
 from trueloss_replay.errors import CheckpointMismatchError, RunFormatError
 from trueloss_replay.run import (
     EpochSet,
-    Run,
     atomic_write_json,
     check_signature,
     read_checkpoint,
@@ -276,28 +274,6 @@ def test_epoch_set_of_a_huge_range_tests_membership_without_expanding():
     assert epochs.ranges == ((0, 10**9),)
     assert 0 in epochs and 10**9 in epochs and 10**9 + 1 not in epochs
     assert epochs != {1, 2, 3}
-
-
-@pytest.mark.parametrize("url", ["gs://bucket/run", "s3://bucket/run", "file:///tmp/run"])
-def test_run_given_as_a_url_is_refused(url, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-
-    with pytest.raises(RunFormatError, match=r"is a URL; trueloss-replay reads and writes local"):
-        Run(url)
-
-    assert os.listdir(tmp_path) == []
-
-
-@pytest.mark.parametrize("url", ["gs://bucket/run", "s3://bucket/run"])
-def test_callback_refuses_a_url_before_creating_anything(url, tmp_path, monkeypatch):
-    from trueloss_replay import ReplayCheckpoint
-
-    monkeypatch.chdir(tmp_path)
-
-    with pytest.raises(RunFormatError, match=rf"run folder '{url}' is a URL"):
-        ReplayCheckpoint(url)
-
-    assert os.listdir(tmp_path) == []  # no local folder named gs: or s3:
 
 
 def test_version_comes_from_the_package_metadata():

@@ -29,6 +29,7 @@ _EXPORTS = {
     "RunWriteError": "trueloss_replay.errors",
     "Shard": "trueloss_replay.scheduler",
     "ShardError": "trueloss_replay.errors",
+    "StorageError": "trueloss_replay.errors",
     "TruelossReplayError": "trueloss_replay.errors",
     "adopt": "trueloss_replay.adoption",
     "explain": "trueloss_replay.explanation",

@@ -50,7 +50,10 @@ class ReplayCheckpoint(keras.callbacks.Callback):
     ``checkpoints/eNNNN.h5``, each atomically, from a background thread.
 
     Args:
-        run_dir: the run folder; created if missing.
+        run_dir: the run folder; created if missing. An fsspec URL (``s3://bucket/run``,
+            ``gs://...``) works too: each file is written to a local mirror in the cache
+            (``$TRUELOSS_REPLAY_CACHE``, default ``~/.cache/trueloss-replay``), then
+            uploaded whole from the writer thread, checkpoint before manifest.
         save_freq: ``"epoch"`` (default) or an int N: also store the weights every N global
             steps (``eNNNN-sSSSSSS.h5``). End-of-epoch checkpoints are always written, since
             the true-loss History has one entry per epoch.
@@ -81,8 +84,10 @@ class ReplayCheckpoint(keras.callbacks.Callback):
         RunLockedError: another process (or another ``ReplayCheckpoint``) is writing
             ``run_dir``; raised from ``fit`` before any file of the run is changed.
         DataError: ``data``, ``train_data`` or ``val_data`` is malformed.
-        RunFormatError: ``run_dir`` is a URL (``gs://``, ``s3://``); only local folders are
-            supported for now.
+        MissingDependencyError: ``run_dir`` is a URL whose protocol's package is not
+            installed (the message names the extra, ``pip install 'trueloss-replay[s3]'``).
+        StorageError: ``run_dir`` is a URL that cannot be read (credentials refused, no
+            such bucket).
         ValueError: another argument is out of range.
 
     Example:
@@ -121,7 +126,7 @@ class ReplayCheckpoint(keras.callbacks.Callback):
             raise ValueError(f"on_error must be 'warn' or 'raise'. Received: {on_error!r}")
         if not _positive_int(max_pending):
             raise ValueError(f"max_pending must be a positive int. Received: {max_pending!r}")
-        # A URL would silently become a local folder named gs: or s3:.
+        # A URL is staged in a local mirror; atomic_path uploads each file as it completes.
         self.run_dir = runfmt.local_path(run_dir)
         self.save_freq = save_freq
         self.save_initial = save_initial

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import click
 
 from trueloss_replay.errors import TruelossReplayError, command_line_text
+from trueloss_replay.storage import is_url
 
 # TensorFlow's C++ start-up lines (no CUDA driver, CPU instructions, XLA) are noise on a
 # command line's stderr. Set before anything imports TensorFlow; a value the user set wins.
@@ -40,24 +41,30 @@ if TYPE_CHECKING:
 
 
 class _LocalPath(click.Path):
-    """``click.Path`` that refuses a URL (``gs://bucket/run``) before it becomes the local
-    folder ``gs:/bucket/run``: object storage is not supported yet."""
+    """``click.Path`` that, with ``urls=True``, passes a URL (``s3://bucket/run``) on as a
+    string for the library to mirror (``run.local_path``), and otherwise refuses it before it
+    becomes the local file ``s3:/bucket/run``."""
+
+    def __init__(self, *args, urls: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.urls = urls
 
     def convert(self, value, param, ctx):
-        if isinstance(value, str) and "://" in value:
-            from trueloss_replay.errors import RunFormatError
-            from trueloss_replay.run import local_path
-
-            try:
-                local_path(value, "the path")
-            except RunFormatError as e:
-                self.fail(str(e), param, ctx)
+        if is_url(value):
+            if self.urls:
+                return value
+            self.fail(
+                f"{value!r} is a URL; this option takes a local file. Write it locally, then "
+                "copy it (aws s3 cp, gcloud storage cp).",
+                param,
+                ctx,
+            )
         return super().convert(value, param, ctx)
 
 
 _PATH = _LocalPath(path_type=Path)
-_RUN_DIR = _LocalPath(exists=True, file_okay=False, path_type=Path)
-_FOLDER = _LocalPath(file_okay=False, path_type=Path)
+_RUN_DIR = _LocalPath(exists=True, file_okay=False, path_type=Path, urls=True)
+_FOLDER = _LocalPath(file_okay=False, path_type=Path, urls=True)
 
 
 #: The flag of each API argument a library message may name (``command_line_text``).
@@ -796,7 +803,7 @@ def replay(
     for flag, value in (("--poll", poll), ("--idle-timeout", idle_timeout), ("--no-plot", no_plot)):
         if value:
             raise click.UsageError(f"{flag} only applies with --follow.")
-    if not run_dir.is_dir():
+    if not is_url(run_dir) and not run_dir.is_dir():
         raise click.BadParameter(
             f"Directory {str(run_dir)!r} does not exist (with --follow it may not exist yet).",
             param_hint="'RUN_DIR'",
@@ -895,7 +902,7 @@ def _follow(run_dir: Path, *, poll, idle_timeout, no_progress, **options) -> Non
     from trueloss_replay.following import DEFAULT_POLL, follow
     from trueloss_replay.run import RESULTS_DIR
 
-    folder = options["output"] or run_dir / RESULTS_DIR
+    folder = options["output"] or Path(run_dir) / RESULTS_DIR  # follow() refuses URLs
     try:
         outcome = follow(
             run_dir,

@@ -247,3 +247,9 @@ class BackendError(TruelossReplayError, RuntimeError):
 
 class MissingDependencyError(TruelossReplayError, ImportError):
     """An optional package a feature needs is not installed; the message names the extra."""
+
+
+class StorageError(TruelossReplayError, OSError):
+    """A run folder or results folder in object storage (``s3://``, ``gs://``) cannot be read
+    or written: credentials refused, bucket missing, endpoint unreachable. The message names
+    the URL."""

@@ -412,6 +412,7 @@ def explain(
         >>> frame[["epoch", "reported_loss", "loss", "gap_penalty", "gap_drift"]]
         >>> print(verdict(frame))
     """
+    run_dir, output = runfmt.local_folders(run_dir, output)
     from trueloss_replay.backends import resolve_devices
     from trueloss_replay.engine import evaluation_error, import_modules, load_model
     from trueloss_replay.errors import ReplayIncompleteError

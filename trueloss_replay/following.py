@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from trueloss_replay import run as runfmt
+from trueloss_replay import storage
 from trueloss_replay.backends import get_backend, resolve_devices, share_device_memory
 from trueloss_replay.data import ArraySplit, resolve_splits
 from trueloss_replay.engine import DEFAULT_BATCH_SIZE, import_modules, load_model
@@ -174,6 +175,16 @@ def follow(
     # Before anything starts the devices: later, neither setting can be changed.
     share_device_memory()
     get_backend()
+    url = next((p for p in (run_dir, output) if storage.is_url(p)), None)
+    if url is not None:
+        # A mirror is brought up to date once, when it is opened: it would never see the
+        # checkpoints that training uploads later.
+        raise RunFormatError(
+            f"follow reads local folders only, not {os.fspath(url)!r}; replay a run in "
+            "object storage without follow (a rerun picks up new checkpoints and skips "
+            "those already evaluated).",
+            usage=True,
+        )
     hooks = _Hooks(progress)
     started = time.monotonic()
     run = _wait_for_run(runfmt.local_path(run_dir), poll, idle_timeout, started, hooks)

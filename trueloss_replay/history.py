@@ -105,6 +105,7 @@ def load_results(
         >>> [r["checkpoint"] for r in load_results("runs/exp1")]
         ['e0000.h5', 'e0001.h5', 'e0002.h5']
     """
+    run_dir, output = runfmt.local_folders(run_dir, output)
     runfmt.read_manifest(Path(run_dir))
     return runfmt.list_results(results_folder(run_dir, output))
 
@@ -257,6 +258,7 @@ def load_frame(run_dir: str | os.PathLike, output: str | os.PathLike | None = No
         >>> frame = load_frame("runs/exp1")
         >>> frame[["epochs_completed", "loss", "reported_loss"]]
     """
+    run_dir, output = runfmt.local_folders(run_dir, output)
     run = runfmt.Run(run_dir)
     return build_frame(load_results(run_dir, output), run.manifest, run.checkpoints())
 
@@ -353,6 +355,7 @@ def load_history(
         >>> history = load_history("runs/exp1")
         >>> plt.plot(history.epoch, history.history["loss"])
     """
+    run_dir, output = runfmt.local_folders(run_dir, output)
     run = runfmt.Run(run_dir)
     results = load_results(run_dir, output)
     if not results:
@@ -605,6 +608,7 @@ def export_history(
     Example:
         >>> export_history("runs/exp1")  # runs/exp1/replay/history.csv, history.json
     """
+    run_dir, output = runfmt.local_folders(run_dir, output)
     run = runfmt.Run(run_dir)
     folder = replay_folder(run_dir, output)
     with exports_lock(folder):
@@ -723,6 +727,7 @@ def describe_run(
         >>> [c.name for c in describe_run("runs/exp1", verify=True).problems]
         []
     """
+    run_dir, output = runfmt.local_folders(run_dir, output)
     run = runfmt.Run(run_dir)
     folder = results_folder(run_dir, output)
     statuses = []

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from trueloss_replay import run as runfmt
 from trueloss_replay.errors import PlotError
 from trueloss_replay.history import (
     GAP_PREFIX,
@@ -329,6 +330,7 @@ def plot_run(
         >>> plot_run("runs/exp1")
         PosixPath('runs/exp1/replay/curves.png')
     """
+    run_dir, output = runfmt.local_folders(run_dir, output)
     path = Path(path) if path is not None else replay_folder(run_dir, output) / DEFAULT_FIGURE
     _check_suffix(path)
     history = load_history(run_dir, output)

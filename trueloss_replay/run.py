@@ -29,6 +29,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from trueloss_replay import storage
 from trueloss_replay.errors import CheckpointMismatchError, RunFormatError, RunWriteError
 
 RUN_FORMAT = "trueloss-replay/run"
@@ -101,6 +102,8 @@ def atomic_path(
             raise write_error(path, e) from e
         raise
     fsync_dir(path.parent)
+    # A file of a mirrored run folder goes to object storage whole, once it is complete here.
+    storage.uploaded(path)
 
 
 def write_error(path: str | os.PathLike, error: OSError) -> RunWriteError:
@@ -782,7 +785,9 @@ def checkpoint_order(name: str) -> tuple[int, int, int]:
 
 def results_folder(run_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
     """Where a run's result files are: ``output``, or ``RUN_DIR/replay/results``."""
-    return Path(output) if output is not None else Path(run_dir) / RESULTS_DIR
+    if output is not None:
+        return local_path(output, "results folder")
+    return local_path(run_dir) / RESULTS_DIR
 
 
 def result_path(folder: str | os.PathLike, checkpoint: str) -> Path:
@@ -1097,14 +1102,16 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
     path = run_dir / MANIFEST
     if not run_dir.is_dir():
         raise RunFormatError(
-            f"run folder {run_dir} does not exist. Pass the folder given to ReplayCheckpoint.",
+            f"run folder {storage.shown(run_dir)} does not exist. Pass the folder given to "
+            "ReplayCheckpoint.",
             path=run_dir,
         )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise RunFormatError(
-            f"{run_dir} has no {MANIFEST}; it is not a trueloss-replay run folder. Pass the "
+            f"{storage.shown(run_dir)} has no {MANIFEST}; it is not a trueloss-replay run "
+            "folder. Pass the "
             "folder given to ReplayCheckpoint.",
             path=path,
         ) from e
@@ -1238,27 +1245,47 @@ def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
 
 
 def local_path(path: str | os.PathLike, what: str = "run folder") -> Path:
-    """``path`` as a local ``Path``, refused when it is a URL (``gs://``, ``s3://`` ...).
+    """``path`` as a local ``Path``; a URL (``s3://``, ``gs://``, ``file://`` ...) as its
+    local mirror, brought up to date (``storage.mirror_path``).
 
-    ``Path("gs://bucket/run")`` is the local folder ``gs:/bucket/run``: without this check a
-    run meant for object storage would silently land on the local disk.
+    The one entry point the API, the callback and the command line call for a run folder or
+    a results folder. ``Path("gs://bucket/run")`` would be the local folder
+    ``gs:/bucket/run``: a URL never reaches ``Path``. Files later written into the mirror
+    through ``atomic_path`` are uploaded to the URL, one by one.
+
+    Args:
+        path: a local path or an fsspec URL.
+        what: what the path is, as error messages name it.
+
+    Returns:
+        The local folder.
 
     Raises:
-        RunFormatError: ``path`` contains ``://``.
+        MissingDependencyError: the URL's protocol needs a package that is not installed
+            (the message names the extra to install).
+        StorageError: the URL cannot be read (credentials refused, no such bucket).
+
+    Example:
+        >>> local_path("runs/exp1")
+        PosixPath('runs/exp1')
     """
-    text = os.fspath(path)
-    if "://" in str(text):
-        raise RunFormatError(
-            f"{what} {text!r} is a URL; trueloss-replay reads and writes local folders only "
-            "(object storage is not supported yet). Copy the run to a local folder first "
-            "(gsutil cp -r, aws s3 sync) or give a local path."
-        )
-    return Path(text)
+    if storage.is_url(path):
+        return storage.mirror_path(os.fspath(path), what)
+    return Path(path)
+
+
+def local_folders(
+    run_dir: str | os.PathLike, output: str | os.PathLike | None = None
+) -> tuple[Path, Path | None]:
+    """``local_path`` of a run folder and of a results folder (None stays None)."""
+    run_dir = local_path(run_dir)
+    return run_dir, None if output is None else local_path(output, "results folder")
 
 
 def remove_path(path: Path) -> None:
-    """Removes a file or folder if it exists."""
+    """Removes a file or folder if it exists (and its copy in object storage, for a mirror)."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+    storage.removed(path)

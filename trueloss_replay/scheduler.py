@@ -37,6 +37,7 @@ from trueloss_replay.errors import (
     RunFormatError,
     RunWriteError,
     ShardError,
+    StorageError,
     TruelossReplayError,
 )
 from trueloss_replay.progress import ProgressHooks, progress_display
@@ -353,6 +354,7 @@ def replay(
         >>> history = replay("runs/exp1", shard="auto")  # in each task of a job array
         >>> history.history["loss"][-1], history.history["reported_loss"][-1]
     """
+    run_dir, output = runfmt.local_folders(run_dir, output)
     from trueloss_replay.history import (
         build_frame,
         exports_lock,
@@ -522,9 +524,10 @@ def _evaluate_all(
     def done(checkpoint, result) -> None:
         try:
             runfmt.write_result(output, result)
-        except RunWriteError as e:  # a full disk: the figures are lost, and said so
+        except (RunWriteError, StorageError) as e:  # a full disk, a failed upload: said so
+            reason = getattr(e, "reason", None) or str(e)
             with lock:
-                unwritten[runfmt.result_path(output, checkpoint.name)] = e.reason or str(e)
+                unwritten[runfmt.result_path(output, checkpoint.name)] = reason
             failed(checkpoint, e)
             return
         with lock:

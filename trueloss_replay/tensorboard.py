@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trueloss_replay import run as runfmt
 from trueloss_replay.errors import MissingDependencyError, RunWriteError
 from trueloss_replay.history import REPORTED_PREFIX, as_history, load_history
 from trueloss_replay.run import atomic_path
@@ -126,7 +127,8 @@ def export_tensorboard(
     else:
         history = as_history(history_or_run_dir)
     protos = _protos()
-    logdir = Path(logdir)
+    # A URL logdir is a mirror: each event file is uploaded as it is written.
+    logdir = runfmt.local_path(logdir, "TensorBoard log folder")
     if logdir.exists() and not logdir.is_dir():
         raise RunWriteError(f"the TensorBoard log folder {logdir} is a file; give logdir a folder.")
 
