@@ -483,3 +483,16 @@ def test_a_builder_and_a_model_file_together_are_refused_by_the_api(keras_run, t
     with pytest.raises(AdoptError, match=r"pass model \(a builder\) or model_file"):
         adopt(keras_run.models, tmp_path / "run", model=build_model, model_file="x.keras")
     assert nothing_left(tmp_path / "run")
+
+
+@pytest.mark.parametrize("which", ["src", "run_dir", "model_file"])
+def test_a_url_is_refused_before_anything_is_written(keras_run, tmp_path, which):
+    paths = {"src": keras_run.weights, "run_dir": tmp_path / "run"}
+    paths["model_file"] = keras_run.model_file()
+    paths[which] = "s3://bucket/somewhere"
+
+    with pytest.raises(AdoptError, match="local folders only, not 's3://bucket/somewhere'") as e:
+        adopt(paths["src"], paths["run_dir"], model_file=paths["model_file"])
+
+    assert e.value.usage
+    assert not (tmp_path / "run").exists()

@@ -40,6 +40,7 @@ import h5py
 import numpy as np
 
 from trueloss_replay import run as runfmt
+from trueloss_replay import storage
 from trueloss_replay.errors import (
     AdoptError,
     CheckpointMismatchError,
@@ -566,6 +567,14 @@ def adopt(
     if model is not None and model_file is not None:
         raise AdoptError("pass model (a builder) or model_file (a .keras file), not both.")
     get_backend()  # an unsupported Keras backend is refused before any work
+    url = next((p for p in (src, run_dir, model_file) if storage.is_url(p)), None)
+    if url is not None:
+        # The run is built in a staging folder and renamed into place: no upload happens.
+        raise AdoptError(
+            f"adopt reads and writes local folders only, not {os.fspath(url)!r}; adopt into a "
+            "local folder, then copy the run folder to object storage.",
+            usage=True,
+        )
     run_dir = runfmt.local_path(run_dir)
     _check_target(run_dir)
     if model_file is not None:
