@@ -89,8 +89,7 @@ def sample_size(train_sample: int | float, population: int) -> int:
         size = int(train_sample)
     else:
         raise DataError(
-            f"train_sample={train_sample!r} is not a count (an int >= 2) or a fraction in "
-            "(0, 1).",
+            f"train_sample={train_sample!r} is not a count (an int >= 2) or a fraction in (0, 1).",
             usage=True,
             argument="train_sample",
         )
