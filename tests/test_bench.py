@@ -61,7 +61,11 @@ FIGURES = {
         ("summary", "ReplayCheckpoint", "cpu_ratio_median"),
     ],
     "datamajor": [("median", "checkpoint-major"), ("median", "data-major")],
-    "sample": [("summary", "speedup"), ("summary", "loss_se_median")],
+    "sample": [
+        ("summary", "speedup"),
+        ("summary", "steady_speedup"),
+        ("summary", "loss_se_median"),
+    ],
 }
 
 

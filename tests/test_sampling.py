@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from trueloss_replay import replay
+from trueloss_replay import ReplayCheckpoint, replay
 from trueloss_replay.cli import main
 from trueloss_replay.data import ArraySplit, make_split
 from trueloss_replay.errors import DataError
@@ -213,3 +213,37 @@ def test_plot_draws_a_two_standard_error_band_around_the_training_curve():
     (band,) = [c for c in ax.collections if c.get_label() == BAND_LABEL]
     ys = band.get_paths()[0].vertices[:, 1]
     assert ys.min() == pytest.approx(0.8 - 0.1) and ys.max() == pytest.approx(1.0 + 0.2)
+
+
+def test_multi_output_standard_errors_are_named_as_keras_names_the_figures(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 6)).astype("float32")
+    y = {"a": rng.integers(0, 3, 120).astype("int32"), "b": rng.normal(size=(120, 2))}
+    y["b"] = y["b"].astype("float32")
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(8, activation="relu")(inputs)
+    outputs = {
+        "a": keras.layers.Dense(3, activation="softmax", name="a")(hidden),
+        "b": keras.layers.Dense(2, name="b")(hidden),
+    }
+    model = keras.Model(inputs, outputs)
+    model.compile(
+        "adam",
+        loss={"a": "sparse_categorical_crossentropy", "b": "mse"},
+        loss_weights={"a": 1.0, "b": 0.5},
+        metrics={"a": ["accuracy"], "b": ["mae"]},
+    )
+    run_dir = tmp_path / "run"
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[ReplayCheckpoint(run_dir, train_data=(x, y))])
+    h = {k: v[0] for k, v in replay(run_dir, train_sample=40, progress=False).history.items()}
+    idx = sample_indices(120, 40, 0)
+    p = model.predict(x[idx], verbose=0)
+    fpc = np.sqrt(1 - 40 / 120) / np.sqrt(40)
+    loss = -np.log(p["a"][np.arange(40), y["a"][idx]]) + 0.5 * ((p["b"] - y["b"][idx]) ** 2).mean(1)
+    correct = (p["a"].argmax(1) == y["a"][idx]).astype(float)
+    mae = np.abs(p["b"] - y["b"][idx]).mean(1)
+    assert h["loss"] == pytest.approx(loss.mean(), rel=1e-4)
+    assert h["loss_se"] == pytest.approx(loss.std(ddof=1) * fpc, rel=1e-3)
+    assert h["a_accuracy_se"] == pytest.approx(correct.std(ddof=1) * fpc, rel=1e-4)
+    assert h["b_mae_se"] == pytest.approx(mae.std(ddof=1) * fpc, rel=1e-3)
+    assert "a_loss_se" not in h  # Keras' per-output loss trackers are batch means: no SE
