@@ -1295,5 +1295,138 @@ def datamajor_command(k, reps, examples, delay, json_path):
     )
 
 
+@cli.command("sample")
+@_k_option(5)
+@_reps_option(3)
+@_examples_option(REFERENCE_TRAIN, 40)
+@click.option(
+    "--train-sample",
+    "sample",
+    default=0.1,
+    show_default=True,
+    type=float,
+    help="The sample: a fraction in (0, 1) or a count.",
+)
+@_json_option
+def sample_command(k, reps, examples, sample, json_path):
+    """Sampled training-set estimates: the speed-up, and the error in standard errors.
+
+    The full replay and the sampled one (``--train-sample``) of the same run, timed in
+    rotated order (validation is evaluated in full by both); then, per checkpoint and
+    figure, ``(sampled - full) / SE``: about 95% of them should lie within +/- 2.
+
+    \b
+    Example:
+        python scripts/bench.py sample --examples 40000 --train-sample 4000
+    """
+    import numpy as np
+
+    from trueloss_replay.run import list_results
+    from trueloss_replay.scheduler import replay
+
+    size = int(sample) if sample >= 1 else sample
+    info = machine_info()
+    (x, y), (xv, yv) = reference_data(examples, max(examples // 4, 1))
+    seconds: dict[str, list[float]] = {"full": [], "sampled": []}
+    # Per checkpoint, as each result records it (weights in, every split evaluated, figures
+    # out), after the first of each replay: the cost without the per-call setup.
+    steady: dict[str, list[float]] = {"full": [], "sampled": []}
+    with tempfile.TemporaryDirectory(prefix="bench-sample-") as tmp:
+        run_dir = Path(tmp) / "run"
+        _make_replay_run(run_dir, k, (x, y), (xv, yv), min(examples, 2_000))
+        options = {"full": {}, "sampled": {"train_sample": size}}
+        outputs = {mode: Path(tmp) / mode for mode in options}
+        # Untimed: the process's one-time costs (imports, JAX compiling each eager op) go here.
+        replay(run_dir, epochs="0", output=Path(tmp) / "warm-up", progress=False)
+        histories = {}
+        for rep in range(reps):
+            for mode in rotated(list(options), rep):
+                started = time.perf_counter()
+                histories[mode] = replay(
+                    run_dir, force=True, output=outputs[mode], progress=False, **options[mode]
+                ).history
+                seconds[mode].append(time.perf_counter() - started)
+                steady[mode] += [r["seconds"] for r in list_results(outputs[mode])[1:]]
+                _log(f"rep {rep + 1}/{reps} {mode:<8} {seconds[mode][-1]:.2f}s")
+    info["loadavg_end"] = os.getloadavg()
+    full, sampled = histories["full"], histories["sampled"]
+    errors = {
+        key: [
+            float(z)
+            for z in (np.asarray(sampled[key]) - np.asarray(full[key]))
+            / np.asarray(sampled[key + "_se"])
+        ]
+        for key in ("loss", "accuracy")
+    }
+    every = np.abs(np.concatenate([np.asarray(v) for v in errors.values()]))
+    summary = {
+        "full_s": median(seconds["full"]),
+        "sampled_s": median(seconds["sampled"]),
+        "speedup": median(seconds["full"]) / median(seconds["sampled"]),
+        "steady_full_s": median(steady["full"]),
+        "steady_sampled_s": median(steady["sampled"]),
+        "steady_speedup": median(steady["full"]) / median(steady["sampled"]),
+        "sample_size": round(size * examples) if size < 1 else size,
+        "abs_error_in_se_median": float(np.median(every)),
+        "abs_error_in_se_max": float(every.max()),
+        "within_2_se": float(np.mean(every <= 2)),
+        "loss_se_median": float(np.median(sampled["loss_se"])),
+    }
+    click.echo("")
+    click.echo(
+        f"sample: {k} checkpoints, {summary['sample_size']} of {examples} training examples "
+        f"(validation {len(xv)}, full in both); {reps} reps, rotated order; medians"
+    )
+    print_machine_info(info)
+    click.echo("")
+    print_table(
+        ["replay", "s per replay", "speed-up", "s per checkpoint, steady", "speed-up, steady"],
+        [
+            [
+                mode,
+                f"{median(v):.2f}",
+                f"{summary['full_s'] / median(v):.2f}",
+                f"{median(steady[mode]):.3f}",
+                f"{summary['steady_full_s'] / median(steady[mode]):.2f}",
+            ]
+            for mode, v in seconds.items()
+        ],
+    )
+    click.echo("")
+    print_table(
+        ["figure", "median |sampled - full| / SE", "max", "within 2 SE"],
+        [
+            [
+                key,
+                f"{np.median(np.abs(v)):.2f}",
+                f"{np.max(np.abs(v)):.2f}",
+                f"{np.mean(np.abs(v) <= 2):.0%}",
+            ]
+            for key, v in errors.items()
+        ],
+    )
+    write_json(
+        json_path,
+        {
+            "benchmark": "sample",
+            "command": _command_line(),
+            "config": {
+                "workload": "mlp",
+                "checkpoints": k,
+                "train_examples": examples,
+                "train_sample": size,
+                "val_examples": len(xv),
+                "reps": reps,
+                "order": "rotated each rep",
+            },
+            "machine": info,
+            "seconds": seconds,
+            "steady_seconds": steady,
+            "errors_in_se": errors,
+            "summary": summary,
+        },
+    )
+
+
 if __name__ == "__main__":
     cli()

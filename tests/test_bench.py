@@ -37,6 +37,7 @@ REPLAY_MLP = ["replay", "--examples", "400", "--k", "2", "--reps", "1"]
 REPLAY_CNN = ["replay", "--workload", "cnn", "--examples", "64", "--batch-size", "32"]
 REPLAY_CNN += ["--k", "2", "--reps", "1", "--skip", "naive", "--skip", "reused"]
 CALLBACK = ["callback", "--examples", "400", "--epochs", "2", "--reps", "1"]
+SAMPLE = ["sample", "--examples", "400", "--k", "2", "--reps", "1", "--train-sample", "100"]
 DATAMAJOR = ["datamajor", "--examples", "400", "--k", "2", "--reps", "1", "--delay", "0.001"]
 WITHOUT_NAIVE = ["--skip", "naive"]
 ONLY_REPLAY_CHECKPOINT = ["--variant", "ReplayCheckpoint"]
@@ -60,6 +61,11 @@ FIGURES = {
         ("summary", "ReplayCheckpoint", "cpu_ratio_median"),
     ],
     "datamajor": [("median", "checkpoint-major"), ("median", "data-major")],
+    "sample": [
+        ("summary", "speedup"),
+        ("summary", "steady_speedup"),
+        ("summary", "loss_se_median"),
+    ],
 }
 
 
@@ -90,13 +96,14 @@ def _lookup(payload: dict, path: tuple[str, ...]):
         pytest.param("jax", REPLAY_CNN, id="replay-cnn-jax"),
         pytest.param("jax", CALLBACK + ONLY_REPLAY_CHECKPOINT, id="callback-jax"),
         pytest.param("tensorflow", DATAMAJOR, id="datamajor-tensorflow"),
+        pytest.param("tensorflow", SAMPLE, id="sample-tensorflow"),
     ],
 )
 def test_bench_subcommand_runs_and_writes_json(backend, args, tmp_path):
     out = tmp_path / "bench.json"
     done = _run_bench(backend, args, out)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| variant" in done.stdout or "| mode" in done.stdout
+    assert any(f"| {h}" in done.stdout for h in ("variant", "mode", "replay"))
     payload = json.loads(out.read_text())
     machine = payload["machine"]
     assert machine["backend"] == backend

@@ -82,6 +82,8 @@ FLAGS = {
     "model": "--model",
     "imports": "--import",
     "data_major": "--data-major",
+    "train_sample": "--train-sample",
+    "sample_seed": "--sample-seed",
     "metrics": "--metric",
     "seeds": "--seeds",
     "pattern": "--pattern",
@@ -615,6 +617,31 @@ _model_options = _options(
 )
 
 
+class _SampleSize(click.ParamType):
+    """``--train-sample``: a count (``4000``) or a fraction in (0, 1) (``0.1``)."""
+
+    name = "N|FRACTION"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            pass
+        try:
+            fraction = float(value)
+        except ValueError:
+            fraction = math.nan
+        if not 0 < fraction < 1:
+            self.fail(
+                f"{value!r} is neither a count (like 4000) nor a fraction in (0, 1) (like 0.1).",
+                param,
+                ctx,
+            )
+        return fraction
+
+
 def _devices_option(value: str):
     from trueloss_replay.backends import resolve_devices
 
@@ -708,6 +735,20 @@ def _follow_option(ctx, param, value: bool) -> bool:
     is_flag=True,
     help="Evaluate several checkpoints per produced batch (for slow input pipelines).",
 )
+@click.option(
+    "--train-sample",
+    type=_SampleSize(),
+    default=None,
+    metavar="N|FRACTION",
+    help="Evaluate a fixed random subset of the training set (a count like 4000 or a "
+    "fraction like 0.1), the same at every checkpoint, with standard errors (loss_se, ...).",
+)
+@click.option(
+    "--sample-seed",
+    type=click.IntRange(min=0),
+    default=None,
+    help="With --train-sample: the seed that draws the subset (default 0).",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def replay(
     run_dir: Path,
@@ -731,6 +772,8 @@ def replay(
     model_ref: str | None,
     imports: tuple[str, ...],
     data_major: bool,
+    train_sample: int | float | None,
+    sample_seed: int | None,
     no_progress: bool,
 ):
     """Evaluate every checkpoint in inference mode and write the true-loss results.
@@ -757,6 +800,7 @@ def replay(
         trueloss-replay replay runs/exp1 --results /scratch/exp1-results
         trueloss-replay replay runs/exp1 --shard 0/4
         trueloss-replay replay runs/exp1 --shard auto
+        trueloss-replay replay runs/exp1 --train-sample 4000 --sample-seed 1
     """
     from trueloss_replay.errors import ReplayIncompleteError
     from trueloss_replay.scheduler import replay as run_replay
@@ -790,6 +834,11 @@ def replay(
                 "--data-major groups checkpoints that are all there; --follow evaluates each "
                 "as it lands. Give one of them."
             )
+        if train_sample is not None or sample_seed is not None:
+            raise click.UsageError(
+                "--train-sample does not apply with --follow yet; replay the finished run "
+                "with --train-sample instead."
+            )
         _follow(
             run_dir,
             poll=poll,
@@ -818,7 +867,13 @@ def replay(
                 tally = _Tally(stack.enter_context(progress_display(progress)))
                 progress = tally
             history = run_replay(
-                run_dir, data_major=data_major, progress=progress, shard=shard, **options
+                run_dir,
+                data_major=data_major,
+                progress=progress,
+                shard=shard,
+                train_sample=train_sample,
+                sample_seed=sample_seed,
+                **options,
             )
     except ReplayIncompleteError as e:
         if e.history.epoch:

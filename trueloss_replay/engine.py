@@ -59,6 +59,7 @@ from trueloss_replay.data import (
     take,
 )
 from trueloss_replay.errors import DataError, EvaluationError, ModelLoadError
+from trueloss_replay.sampling import SE_SUFFIX, ratio_standard_error
 
 DEFAULT_BATCH_SIZE = 2048
 # Array data up to this size is kept on each device for the whole replay; larger data is
@@ -311,6 +312,7 @@ class Evaluator:
         self._programs: dict[str, Callable] = {}
         self._resident: dict[str, _Resident | None] = {}
         self._xla = jit_compile is not False
+        self._per_example_names: list[str] = []
 
     # --- public
 
@@ -360,7 +362,7 @@ class Evaluator:
             name: self._dispatch(split, batch_size, [self._current()], on_batch)[0]
             for name, split in splits.items()
         }
-        return {name: self._reduce(outputs, name) for name, outputs in pending.items()}
+        return {name: self._reduce(outputs, splits[name]) for name, outputs in pending.items()}
 
     def evaluate_many(
         self,
@@ -386,7 +388,7 @@ class Evaluator:
         """
         params = [self._current() if w is None else w for w in weight_sets]
         pending = self._dispatch(split, batch_size, params, on_batch)
-        return [self._reduce(outputs, split.name) for outputs in pending]
+        return [self._reduce(outputs, split) for outputs in pending]
 
     # --- dispatch
 
@@ -423,6 +425,16 @@ class Evaluator:
             program's outputs have one row per batch.
         """
         pending: list[list[tuple[int, Any]]] = [[] for _ in params]
+        # A sampled split's programs also return per-example values (for standard errors).
+        suffix = ":per_example" if getattr(split, "per_example", False) else ""
+        if suffix and overrides_compute_loss(self.model):
+            raise DataError(
+                f"train_sample= needs per-example losses, and {type(self.model).__name__} "
+                "overrides compute_loss, which returns one value per batch; leave "
+                "train_sample out to evaluate the full training set.",
+                usage=True,
+                argument="train_sample",
+            )
         resident = self._resident_split(split, batch_size)
         with self.backend.device_scope(self.device):
             if resident is not None:
@@ -430,12 +442,16 @@ class Evaluator:
                     self._build(*(resident.rest or take(resident.stacked, 0)), split.name)
                 for p, outputs in zip(params, pending, strict=True):
                     if resident.stacked is not None:
-                        out = self._run("loop", p, resident.stacked, split.name, batch_size)
+                        out = self._run(
+                            "loop" + suffix, p, resident.stacked, split.name, batch_size
+                        )
                         outputs.append((batch_size, out))
                         if on_batch is not None:
                             on_batch(batch_size * resident.full, resident.full)
                     if resident.rest is not None:
-                        out = self._run("rest", p, resident.rest, split.name, resident.rest_count)
+                        out = self._run(
+                            "rest" + suffix, p, resident.rest, split.name, resident.rest_count
+                        )
                         outputs.append((resident.rest_count, out))
                         if on_batch is not None:
                             on_batch(resident.rest_count, 1)
@@ -450,7 +466,7 @@ class Evaluator:
                 main = main or n
                 placed = tuple(map_structure(self._to_device, part) for part in batch)
                 # The size most batches have is XLA-compiled; the others run as plain graphs.
-                kind = "step" if n == main else "rest"
+                kind = ("step" if n == main else "rest") + suffix
                 for p, outputs in zip(params, pending, strict=True):
                     outputs.append((n, self._run(kind, p, placed, split.name, n)))
                 if on_batch is not None:
@@ -500,7 +516,8 @@ class Evaluator:
 
     def _run(self, kind: str, params: Params, batch, split_name: str, n: int):
         """One program call. ``kind``: ``loop`` (stacked batches), ``step`` (a batch of the
-        size most batches have) or ``rest`` (any other size)."""
+        size most batches have) or ``rest`` (any other size), each with ``:per_example``
+        for a program that also returns per-example values."""
         program = self._program(kind)
         try:
             outputs = program(params, batch)
@@ -534,15 +551,20 @@ class Evaluator:
         program = self._programs.get(kind)
         if program is None:
             backend = self.backend
-            if kind == "loop":
-                program = backend.compile_loop(self._step, self._xla, on_trace=self._traced)
+            base, _, per_example = kind.partition(":")
+
+            def body(params, batch):
+                return self._step(params, batch, per_example=bool(per_example))
+
+            if base == "loop":
+                program = backend.compile_loop(body, self._xla, on_trace=self._traced)
             else:
                 # A split's last batch: one call per checkpoint, so no XLA unless asked for.
-                jit = self._xla if kind == "step" else bool(self.jit_compile)
+                jit = self._xla if base == "step" else bool(self.jit_compile)
 
                 def step(params, batch):
                     self._traced()
-                    return self._step(params, batch)
+                    return body(params, batch)
 
                 program = backend.compile_step(step, jit)
             self._programs[kind] = program
@@ -579,8 +601,10 @@ class Evaluator:
         self._state = [v for m in self._tracked for v in m.variables]
         self._built = True
 
-    def _step(self, params: Params, batch):
-        """Per batch: the data loss (a batch mean), the penalty, the metric states from zero."""
+    def _step(self, params: Params, batch, per_example: bool = False):
+        """Per batch: the data loss (a batch mean), the penalty, the metric states from zero;
+        with ``per_example``, also ``[a, b, a, b, ...]``: per example, the numerator and
+        denominator of each mean figure (``_per_example``)."""
         import keras
 
         trainable, non_trainable = params
@@ -611,15 +635,82 @@ class Evaluator:
         for variable, zero in zip(self._state, zeros, strict=True):
             value = scope.get_current_value(variable)
             states.append(zero if value is None else value)
-        return data, reg, states
+        if not per_example:
+            return data, reg, states
+        # A scope of its own: the loss trackers it updates on the way are thrown away.
+        with keras.StatelessScope(state_mapping=mapping):
+            figures = self._per_example(y, y_pred, sw)
+        self._per_example_names = [name for name, _, _ in figures]
+        extras = [part for _, a, b in figures for part in (a, b)]
+        return data, reg, states, extras
+
+    def _per_example(self, y, y_pred, sw) -> list[tuple[str, Any, Any]]:
+        """``(figure, a, b)`` per mean figure: per-example arrays whose batch sums give the
+        figure as ``sum(a) / sum(b)``. The loss: ``a`` the example's weighted loss summed
+        over outputs with their loss weights (the compiled loss with every reduction set to
+        ``"none"``), ``b`` one, since Keras divides by the number of examples. A
+        ``MeanMetricWrapper`` metric: ``a = w * value``, ``b = w`` (``w`` one for the
+        unweighted ``metrics=``). Other metrics (AUC, Precision...) are no such mean."""
+        import keras
+
+        model = self.model
+        figures = []
+        compile_loss = model._compile_loss
+        if compile_loss is not None:
+            saved = compile_loss._flat_losses
+            compile_loss._flat_losses = [
+                type(entry)(entry.path, _per_example_loss(entry.loss), *entry[2:])
+                for entry in saved
+            ]
+            try:
+                a = compile_loss(y, y_pred, sw)
+            finally:
+                compile_loss._flat_losses = saved
+            a = keras.ops.cast(a, "float32")
+            figures.append(("loss", a, keras.ops.ones_like(a)))
+        metrics = model._compile_metrics
+        if metrics is None:
+            return figures
+        ys, preds = metrics._flatten_y(y), metrics._flatten_y(y_pred)
+        weights = [None] * len(ys)
+        if sw is not None:
+            weights = metrics._flatten_y(sw)
+            if len(weights) < len(ys):
+                weights = [weights[0]] * len(ys)
+        names: dict[str, int] = {}
+        # The order and names of CompileMetrics.result(), so the keys match its figures.
+        both = ((False, metrics._flat_metrics), (True, metrics._flat_weighted_metrics))
+        for weighted, lists in both:
+            for mls, y_t, y_p, w in zip(lists, ys, preds, weights, strict=False):
+                if not mls:
+                    continue
+                for metric in mls.metrics:
+                    prefix = f"{mls.output_name}_" if mls.output_name else ""
+                    name = prefix + metric.name
+                    if name not in names:
+                        names[name] = 1
+                    elif weighted:
+                        name = f"{prefix}weighted_{metric.name}"
+                    else:
+                        names[name] += 1
+                        name = f"{name}_{names[name] - 1}"
+                    if isinstance(metric, keras.metrics.MeanMetricWrapper):
+                        values = metric._fn(y_t, y_p, **metric._fn_kwargs)
+                        a, b = _weighted_rows(values, w if weighted else None)
+                        figures.append((name, a, b))
+        return figures
 
     # --- read back
 
-    def _reduce(self, pending: list[tuple[int, Any]], split_name: str):
-        """Per-batch outputs to the split's figures: float64 sums on the host.
+    def _reduce(self, pending: list[tuple[int, Any]], split: Split):
+        """Per-batch outputs to the split's figures: float64 sums on the host; for a sampled
+        split also ``<figure>_se``, the standard error from the per-example values
+        (``sampling.ratio_standard_error``).
 
         Reading back only now lets the device run ahead of the host.
         """
+        split_name = split.name
+        extras: list[list[np.ndarray]] = []
         loss_sum = reg_sum = 0.0
         count = 0
         state_sums: list[np.ndarray] | None = None
@@ -627,7 +718,9 @@ class Evaluator:
             fetched = self.backend.to_host([outputs for _, outputs in pending])
         except Exception as e:  # noqa: BLE001
             raise evaluation_error(e, split_name, pending[0][0] if pending else 0) from e
-        for (n, _), (data, reg, states) in zip(pending, fetched, strict=True):
+        for (n, _), (data, reg, states, *more) in zip(pending, fetched, strict=True):
+            if more:
+                extras.append([np.asarray(v, dtype=np.float64).reshape(-1) for v in more[0]])
             data = np.asarray(data, dtype=np.float64)
             reg = np.asarray(reg, dtype=np.float64)
             values = [np.asarray(s, dtype=np.float64) for s in states]
@@ -645,6 +738,12 @@ class Evaluator:
             raise DataError(f"{split_name} data yielded no examples.")
         figures = {"loss": loss_sum / count, "regularization_loss": reg_sum / count}
         figures.update(self._metric_results(state_sums or []))
+        if extras:
+            population = getattr(split, "population", None)
+            columns = [np.concatenate(parts) for parts in zip(*extras, strict=True)]
+            for i, name in enumerate(self._per_example_names):
+                se = ratio_standard_error(columns[2 * i], columns[2 * i + 1], population)
+                figures[name + SE_SUFFIX] = se
         return figures, count
 
     def _metric_results(self, state_sums: Sequence[np.ndarray]) -> dict[str, float]:
@@ -665,6 +764,62 @@ class Evaluator:
                     else:
                         results[metric.name] = float(np.asarray(value))
         return results
+
+
+def _per_example_loss(loss_fn):
+    """``loss_fn`` with reduction ``"none"``, averaged over each example's other axes
+    (``sum_over_batch_size`` divides by every element, so this keeps the batch mean)."""
+    if not hasattr(loss_fn, "reduction"):
+        raise DataError(
+            f"train_sample= needs per-example losses, and the loss {loss_fn!r} has no "
+            "reduction to turn off; leave train_sample out.",
+            usage=True,
+            argument="train_sample",
+        )
+
+    def per_example(y_true, y_pred, sample_weight=None):
+        import keras
+
+        saved = loss_fn.reduction
+        loss_fn.reduction = "none"
+        try:
+            values = keras.ops.cast(loss_fn(y_true, y_pred, sample_weight), "float32")
+        finally:
+            loss_fn.reduction = saved
+        if len(values.shape) == 0:
+            raise DataError(
+                f"train_sample= needs per-example losses, and the loss {loss_fn.name!r} "
+                "returns one value per batch even with reduction='none'; leave "
+                "train_sample out.",
+                usage=True,
+                argument="train_sample",
+            )
+        if len(values.shape) > 1:
+            values = keras.ops.mean(values, axis=tuple(range(1, len(values.shape))))
+        return values
+
+    return per_example
+
+
+def _weighted_rows(values, weights):
+    """Per example ``(a, b)`` of a Keras ``Mean``: ``a`` its weighted value, ``b`` its
+    weight; values with more axes than the weights are averaged over them first, as
+    ``reduce_to_samplewise_values`` does."""
+    import keras
+
+    ops = keras.ops
+    values = ops.cast(values, "float32")
+    if weights is None:
+        weights = ops.ones((ops.shape(values)[0],), "float32")
+    weights = ops.cast(weights, "float32")
+    if len(values.shape) > len(weights.shape):
+        values = ops.mean(values, axis=tuple(range(len(weights.shape), len(values.shape))))
+    a = values * weights
+    b = ops.broadcast_to(weights, ops.shape(a))
+    if len(a.shape) > 1:
+        axes = tuple(range(1, len(a.shape)))
+        a, b = ops.sum(a, axis=axes), ops.sum(b, axis=axes)
+    return a, b
 
 
 def overrides_compute_loss(model) -> bool:

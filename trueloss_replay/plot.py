@@ -25,6 +25,7 @@ from trueloss_replay.history import (
     load_history,
     replay_folder,
 )
+from trueloss_replay.sampling import SE_SUFFIX
 
 FORMATS = (".png", ".svg", ".pdf")
 DEFAULT_FIGURE = "curves.png"
@@ -35,6 +36,8 @@ REPORTED_LABEL = "train (reported by Keras)"
 VAL_REPORTED_LABEL = "val (reported by Keras)"
 PENALTY_LABEL = "penalty (regularization_loss)"
 VAL_PENALTY_LABEL = "val penalty (val_regularization_loss)"
+
+BAND_LABEL = "train ±2 SE (sampled)"
 
 _PENALTIES = ("regularization_loss", "val_regularization_loss")
 # The stacked parts of the explained gap, bottom to top, on top of the true loss.
@@ -50,7 +53,8 @@ def quantities(history: Any) -> list[str]:
     """The panels ``plot_history`` draws: ``loss`` first, then each metric, in History order.
 
     ``val_x`` and ``reported_x`` belong to the panel of ``x``; the regularization penalty is
-    drawn on the loss panel.
+    drawn on the loss panel; ``x_se`` (a sampled replay's standard error) is the band
+    around ``x``.
 
     Example:
         >>> quantities({"loss": [1.0], "val_loss": [1.1], "accuracy": [0.5]})
@@ -58,7 +62,10 @@ def quantities(history: Any) -> list[str]:
     """
     history = as_history(history)
     names = []
+    bands = {key for key in history.history if _is_band(key, history.history)}
     for key in history.history:
+        if key in bands:
+            continue
         base = key[len(REPORTED_PREFIX) :] if key.startswith(REPORTED_PREFIX) else key
         base = base[len("val_") :] if base.startswith("val_") else base
         if base not in names and key not in _PENALTIES and not key.startswith(GAP_PREFIX):
@@ -80,12 +87,13 @@ def plot_history(
 
     On each panel: the true training curve (``train (true)``), validation (``val``) and what
     Keras reported during training (dashed, ``train (reported by Keras)`` and ``val (reported
-    by Keras)``); the loss panel
-    also shows the regularization penalty, the part of the reported loss that is not data
-    loss. A plain History from ``model.fit()`` works too (its curves are labelled ``train``
-    and ``val``). The x axis counts epochs from 1, as Keras prints them. NaN and infinite
-    values (checkpoints not replayed yet, a diverged loss) are left as gaps, with one
-    warning naming their keys.
+    by Keras)``); the loss panel also shows the regularization penalty, the part of the
+    reported loss that is not data loss. A sampled replay (``train_sample=``) draws a band
+    of +/- 2 standard errors (``loss_se``, ...) around the true training curve. A plain
+    History from ``model.fit()`` works too (its curves are labelled ``train`` and ``val``).
+    The x axis counts epochs from 1, as Keras prints them. NaN and infinite values
+    (checkpoints not replayed yet, a diverged loss) are left as gaps, with one warning naming
+    their keys.
 
     Args:
         history_or_run_dir: a ``keras.callbacks.History``, a ``{key: list}`` dict, a
@@ -209,6 +217,23 @@ def _series(history) -> tuple[dict[str, tuple[list[int], list[float]]], list[str
     return series, non_finite
 
 
+def _is_band(key: str, history: dict) -> bool:
+    # "loss_se" beside "loss": a standard error drawn as a band, not a quantity of its own.
+    return key.endswith(SE_SUFFIX) and key[: -len(SE_SUFFIX)] in history
+
+
+def _band(ax, name: str, series) -> None:
+    """The true training curve +/- 2 standard errors of a sampled replay (``name_se``)."""
+    import numpy as np
+
+    xs, values = series[name]
+    se = np.asarray(series[name + SE_SUFFIX][1], dtype=float)
+    values = np.asarray(values, dtype=float)
+    ax.fill_between(
+        xs, values - 2 * se, values + 2 * se, color="C0", alpha=0.2, linewidth=0, label=BAND_LABEL
+    )
+
+
 def _finite_or_nan(value: Any) -> float:
     try:
         value = float(value)
@@ -231,6 +256,8 @@ def _panel(ax, name: str, series, is_replay: bool) -> None:
         lines.append((_PENALTIES[0], PENALTY_LABEL, {"color": "C2", "linestyle": ":"}))
         if _differs(series, *_PENALTIES):  # activity penalties differ between the sets
             lines.append((_PENALTIES[1], VAL_PENALTY_LABEL, {"color": "C3", "linestyle": ":"}))
+    if name in series and name + SE_SUFFIX in series:
+        _band(ax, name, series)
     for key, label, style in lines:
         if key in series:
             xs, values = series[key]

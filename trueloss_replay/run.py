@@ -807,6 +807,7 @@ def make_result(
     device: str,
     seconds: float,
     evaluated: float | None = None,
+    sample: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One checkpoint's result, as ``write_result`` stores it (format ``trueloss-replay/result``).
 
@@ -821,6 +822,9 @@ def make_result(
         device: the device that evaluated it.
         seconds: how long the evaluation took.
         evaluated: Unix seconds when it was evaluated (default now).
+        sample: per sampled split (``train``), its ``size``, ``seed``, ``population`` and
+            ``indices_sha256`` (``sampling.SampledSplit.sample``); None for full sets. The
+            same record is in ``data``, so a result is reused only for the same sample.
 
     Returns:
         The result dict; ``explain`` adds an ``"explain"`` entry to it later.
@@ -845,6 +849,7 @@ def make_result(
         "device": device,
         "seconds": seconds,
         "evaluated": time.time() if evaluated is None else evaluated,
+        "sample": None if sample is None else {k: dict(v) for k, v in sample.items()},
     }
 
 
@@ -871,6 +876,7 @@ _RESULT_FIELDS = (
     ("reported", dict, False),
     ("explain", dict, False),
     ("data", dict, False),
+    ("sample", dict, False),
     ("step", int, False),
     ("checkpoint_time", (int, float), False),
 )

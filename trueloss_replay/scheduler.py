@@ -41,6 +41,7 @@ from trueloss_replay.errors import (
     TruelossReplayError,
 )
 from trueloss_replay.progress import ProgressHooks, progress_display
+from trueloss_replay.sampling import sample_split
 
 # Data-major mode stages up to this many bytes of weights (several checkpoints) on a device,
 # and at most this many checkpoints per produced batch.
@@ -294,6 +295,8 @@ def replay(
     data_major: bool = False,
     trust_data_factory: bool = False,
     shard: str | Shard | tuple[int, int] | None = None,
+    train_sample: int | float | None = None,
+    sample_seed: int | None = None,
 ):
     """Evaluates every checkpoint of a run in inference mode; returns the true-loss History.
 
@@ -336,6 +339,11 @@ def replay(
             or ``"auto/n"`` to read the index (and count) from Slurm or a Kubernetes
             Indexed Job (see ``parse_shard``). The exports are rewritten from every result
             present, under a lock, so the last shard to finish leaves them complete.
+        train_sample: evaluate a fixed random subset of the training set instead of all of
+            it: a count (int >= 2) or a fraction in (0, 1). The same examples at every
+            checkpoint; each mean figure gets its standard error as ``<figure>_se``
+            (``sampling.ratio_standard_error``). Array data only. Validation stays full.
+        sample_seed: the seed that draws the subset (default ``sampling.DEFAULT_SAMPLE_SEED``).
 
     Returns:
         keras.callbacks.History: the true curves (keys in DESIGN.md), from every result
@@ -370,6 +378,22 @@ def replay(
     splits = resolve_splits(
         run, data=data, train=train, val=val, trust_data_factory=trust_data_factory
     )
+    if train_sample is not None:
+        if "train" not in splits:
+            raise DataError(
+                "train_sample= samples the training data, and there is none; pass train=.",
+                usage=True,
+                argument="train_sample",
+            )
+        splits["train"] = sample_split(splits["train"], train_sample, sample_seed)
+    elif sample_seed is not None:
+        raise DataError(
+            "sample_seed= only applies with train_sample=; pass both, or neither.",
+            usage=True,
+            argument="sample_seed",
+        )
+    # A sampled split's fingerprint names its sample: results of another sample, or of the
+    # full set, differ in ``data`` and are never reused for it (``_reusable``), nor it for them.
     fingerprints = {name: split.fingerprint for name, split in splits.items()}
     device_names = resolve_devices(devices) if isinstance(devices, str) else list(devices)
     if not device_names:
@@ -641,6 +665,12 @@ class _Context:
             backend=self.evaluator.backend.NAME,
             device=self.evaluator.device,
             seconds=seconds,
+            sample={
+                name: split.sample
+                for name, split in self.splits.items()
+                if getattr(split, "sample", None) is not None
+            }
+            or None,
         )
 
 
