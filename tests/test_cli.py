@@ -82,7 +82,7 @@ def test_history_of_a_run_not_replayed_fails_on_one_line(run_copy):
 
     assert result.exit_code == 1
     assert result.output.startswith("Error: ")
-    assert "holds no replay results. Run `trueloss-replay replay" in result.output
+    assert "holds no replay results. Replay the run first" in result.output
     assert result.output.count("\n") == 1
     assert "Traceback" not in result.output
 

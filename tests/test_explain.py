@@ -552,7 +552,7 @@ def test_plot_explain_without_explained_parts_says_what_to_run(trained_run):
     from trueloss_replay.plot import PlotError, plot_history
 
     plain = {"loss": [1.0], "reported_loss": [1.2]}
-    with pytest.raises(PlotError, match="run `trueloss-replay explain RUN_DIR` first"):
+    with pytest.raises(PlotError, match=r"explain the run first: explain\(run_dir\)"):
         plot_history(plain, explain=True)
 
 
@@ -588,7 +588,7 @@ def test_cli_plot_explain_before_explain_fails_with_the_fix(replayed_run):
 
     result = CliRunner().invoke(main, ["plot", str(replayed_run), "--explain"])
     assert result.exit_code == 1
-    assert "run `trueloss-replay explain RUN_DIR` first" in result.output
+    assert "explain the run first: explain(run_dir), or the explain command" in result.output
 
 
 def test_cli_explain_reports_a_damaged_checkpoint(run_copy):

@@ -38,7 +38,13 @@ import numpy as np
 
 from trueloss_replay import run as runfmt
 from trueloss_replay.data import as_arrays, check_storable, save_arrays, validate_reference
-from trueloss_replay.errors import RunExistsError, RunFormatError, RunLockedError, RunWriteError
+from trueloss_replay.errors import (
+    RunExistsError,
+    RunFormatError,
+    RunLockedError,
+    RunWriteError,
+    StorageError,
+)
 
 _STOP = object()
 
@@ -424,7 +430,7 @@ class ReplayCheckpoint(keras.callbacks.Callback):
             self._manifest["finished"] = time.time()
         try:
             self._write_manifest()
-        except RunWriteError as e:
+        except (RunWriteError, StorageError) as e:  # a full disk, a refused upload
             self._report(str(e))
         finally:
             self._release_writer_lock()
@@ -452,7 +458,8 @@ class ReplayCheckpoint(keras.callbacks.Callback):
                 else:
                     self._remove_checkpoint(job[1])
             except Exception as e:  # noqa: BLE001 - reported to the training thread
-                self._report(str(e) if isinstance(e, RunWriteError) else f"{type(e).__name__}: {e}")
+                ours = isinstance(e, (RunWriteError, StorageError))
+                self._report(str(e) if ours else f"{type(e).__name__}: {e}")
 
     def _write_checkpoint(self, name, weights, meta) -> None:
         runfmt.write_checkpoint(self.run_dir / runfmt.CHECKPOINT_DIR / name, weights, **meta)

@@ -175,7 +175,7 @@ def follow(
     # Before anything starts the devices: later, neither setting can be changed.
     share_device_memory()
     get_backend()
-    url = next((p for p in (run_dir, output) if storage.is_url(p)), None)
+    url = next((p for p in (run_dir, output, logdir) if storage.is_url(p)), None)
     if url is not None:
         # A mirror is brought up to date once, when it is opened: it would never see the
         # checkpoints that training uploads later.
@@ -461,11 +461,17 @@ class _Follower:
 
     def refresh(self, figures: bool = True):
         """Rewrites history.csv and history.json, and the figure and TensorBoard scalars."""
-        from trueloss_replay.history import build_frame, history_from_frame, write_exports
+        from trueloss_replay.history import (
+            build_frame,
+            exports_lock,
+            history_from_frame,
+            write_exports,
+        )
 
         frame = build_frame(list(self.results.values()), self.manifest, self.known.values())
         history = history_from_frame(frame, self.manifest.get("params"))
-        write_exports(frame, history, self.folder)
+        with exports_lock(self.folder):  # as replay's shards take it
+            write_exports(frame, history, self.folder)
         if figures and history.epoch and self.results:
             self.figures_written = time.monotonic()
             if self.plot:

@@ -360,8 +360,8 @@ def load_history(
     results = load_results(run_dir, output)
     if not results:
         raise RunFormatError(
-            f"{results_folder(run_dir, output)} holds no replay results. Run "
-            f"`trueloss-replay replay {run_dir}` first."
+            f"{results_folder(run_dir, output)} holds no replay results. Replay the run "
+            "first: replay(run_dir), or the replay command."
         )
     frame = build_frame(results, run.manifest, run.checkpoints())
     return history_from_frame(frame, run.manifest.get("params"))

@@ -141,7 +141,7 @@ def plot_history(
     if explain and not all(key in history.history for key, _, _ in _GAP_PARTS):
         raise PlotError(
             "the History has no explained gap (gap_penalty, gap_training_mode, gap_drift); "
-            "run `trueloss-replay explain RUN_DIR` first."
+            "explain the run first: explain(run_dir), or the explain command."
         )
     if explain and "loss" not in names:
         raise PlotError(

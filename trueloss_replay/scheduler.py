@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from trueloss_replay import run as runfmt
+from trueloss_replay import storage
 from trueloss_replay.backends import get_backend, resolve_devices
 from trueloss_replay.data import ArraySplit, resolve_splits
 from trueloss_replay.engine import DEFAULT_BATCH_SIZE, Evaluator, import_modules, load_model
@@ -362,6 +363,16 @@ def replay(
         >>> history = replay("runs/exp1", shard="auto")  # in each task of a job array
         >>> history.history["loss"][-1], history.history["reported_loss"][-1]
     """
+    if shard is not None:
+        url = next((p for p in (run_dir, output) if storage.is_url(p)), None)
+        if url is not None:
+            # Each shard's mirror is pulled once, when it starts, and the exports lock is a
+            # local file: shards on several machines would overwrite each other's exports.
+            raise ShardError(
+                f"shards need a run folder and results folder on a shared file system, not "
+                f"{os.fspath(url)!r}; replay a run in object storage without shard=.",
+                argument="shard",
+            )
     run_dir, output = runfmt.local_folders(run_dir, output)
     from trueloss_replay.history import (
         build_frame,
@@ -492,7 +503,7 @@ def replay(
         with exports_lock(folder):
             ordered, frame, history = collect()
             write_exports(frame, history, folder)
-    except RunWriteError as e:
+    except (RunWriteError, StorageError) as e:
         if not failures:
             raise
         if history is None:  # the lock itself could not be taken

@@ -247,10 +247,11 @@ def _replace_events(folder: Path, scalars: dict[int, dict[str, float]], protos) 
                     writer.write(event.SerializeToString())
     for old in previous:
         try:
-            old.unlink()
+            # In a mirrored (object storage) logdir, the bucket's copy goes too.
+            runfmt.remove_path(old)
         except FileNotFoundError:
             pass
-        except OSError as e:
+        except OSError as e:  # StorageError is one
             raise RunWriteError(
                 f"cannot remove the earlier export {old}: {e.strerror or e}. Remove it by hand, "
                 "or TensorBoard shows its points twice."
