@@ -401,11 +401,23 @@ def test_callback_refuses_a_protocol_without_its_package_before_training(tmp_pat
     assert os.listdir(tmp_path) == []
 
 
-def test_follow_refuses_a_url(tmp_path):
-    result = _cli("replay", "s3://bucket/run", "--follow", "--no-progress")
+@pytest.mark.parametrize(
+    "args, url",
+    [
+        (["RUN", "--follow"], "s3://bucket/run"),
+        (["LOCAL", "--follow", "--logdir", "s3://bucket/logs"], "s3://bucket/logs"),
+        (["RUN", "--shard", "0/2"], "s3://bucket/run"),
+    ],
+)
+def test_follow_and_shards_refuse_a_url(tmp_path, monkeypatch, args, url):
+    monkeypatch.chdir(tmp_path)
+    swap = {"RUN": "s3://bucket/run", "LOCAL": str(tmp_path / "run")}
+    result = _cli("replay", *[swap.get(a, a) for a in args], "--no-progress")
 
-    assert result.exit_code == 2
-    assert "follow reads local folders only, not 's3://bucket/run'" in result.output
+    assert result.exit_code == 2, result.output
+    assert "local folders only" in result.output or "shared file system" in result.output
+    assert f"not '{url}'" in " ".join(result.output.split())
+    assert os.listdir(tmp_path) == []  # no local folder named "s3:"
 
 
 def test_a_local_file_option_refuses_a_url(replayed_run):
@@ -438,6 +450,10 @@ def test_file_url_is_mirrored_and_written_back_atomically(replayed_run, tmp_path
     assert not [p for p in (replayed_run / "replay").iterdir() if p.name.startswith(".")]
     assert events.exit_code == 0, events.output
     assert [p.parent.name for p in logdir.rglob("*tfevents*")]  # uploaded to the logdir URL
+    again = _cli("export", url, "--logdir", logdir.as_uri())
+    assert again.exit_code == 0, again.output
+    folders = [p.parent.name for p in logdir.rglob("*tfevents*")]
+    assert sorted(folders) == sorted(set(folders))  # the earlier export left the URL too
 
 
 def _installed(package: str) -> bool:
