@@ -30,12 +30,15 @@ from typing import Any
 
 from trueloss_replay import run as runfmt
 from trueloss_replay import storage
-from trueloss_replay.backends import get_backend, resolve_devices, share_device_memory
-from trueloss_replay.data import ArraySplit, resolve_splits
-from trueloss_replay.engine import DEFAULT_BATCH_SIZE, import_modules, load_model
-from trueloss_replay.errors import DataError, RunFormatError
+from trueloss_replay.backends import get_backend, share_device_memory
+from trueloss_replay.data import resolve_splits
+from trueloss_replay.engine import import_modules, load_model
+from trueloss_replay.errors import RunFormatError
 from trueloss_replay.scheduler import (
+    _batch_size,
+    _device_names,
     _evaluate_all,
+    _results_dir,
     _reusable,
     _SerializedProgress,
     parse_epochs,
@@ -289,14 +292,8 @@ class _Follower:
             run, data=data, train=train, val=val, trust_data_factory=trust_data_factory
         )
         self.fingerprints = {name: split.fingerprint for name, split in self.splits.items()}
-        self.devices = resolve_devices(devices) if isinstance(devices, str) else list(devices)
-        if not self.devices:
-            raise DataError("devices names no device; use 'auto', 'cpu', 'gpu' or device names.")
-        self.output = Path(output) if output is not None else run.results_dir
-        try:
-            self.output.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise RunFormatError(f"cannot create the results folder {self.output}: {e}") from e
+        self.devices = _device_names(devices)
+        self.output = _results_dir(run, output)
         self.folder = replay_folder(run.path, output)
         self.output_arg = output
         self.logdir = None if logdir is None else Path(logdir)
@@ -304,10 +301,7 @@ class _Follower:
         self.wanted = parse_epochs(epochs)
         self.epoch_end_only = epoch_end_only
         self.force = force
-        self.batch = batch_size or DEFAULT_BATCH_SIZE
-        counts = [s.count for s in self.splits.values() if isinstance(s, ArraySplit)]
-        if batch_size is None and counts:
-            self.batch = min(self.batch, max(counts))
+        self.batch = _batch_size(batch_size, self.splits)
         self.builder = lambda: load_model(run, model, unsafe_deserialization)
         self.jit_compile = jit_compile
         self.replicas: dict = {}

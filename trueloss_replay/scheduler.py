@@ -259,6 +259,37 @@ def _reusable(path: Path, checkpoint: runfmt.Checkpoint, fingerprints: dict) -> 
 # --------------------------------------------------------------------------- replay
 
 
+def _device_names(devices: str | Sequence[str]) -> list[str]:
+    """The device names ``devices=`` selects; none is the caller's error."""
+    names = resolve_devices(devices) if isinstance(devices, str) else list(devices)
+    if not names:
+        raise DataError(
+            "devices= names no device; use 'auto', 'cpu', 'gpu' or device names.",
+            usage=True,
+            argument="devices",
+        )
+    return names
+
+
+def _results_dir(run: runfmt.Run, output: str | os.PathLike | None) -> Path:
+    """The results folder (default ``RUN_DIR/replay/results``), created."""
+    folder = Path(output) if output is not None else run.results_dir
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunFormatError(f"cannot create the results folder {folder}: {e}") from e
+    return folder
+
+
+def _batch_size(batch_size: int | None, splits: Mapping[str, Any]) -> int:
+    """The evaluation batch size: the caller's, else the default, never above the data."""
+    if batch_size is not None:
+        return batch_size
+    counts = [s.count for s in splits.values() if isinstance(s, ArraySplit)]
+    # No default batch larger than the data: that shape would occur nowhere.
+    return min(DEFAULT_BATCH_SIZE, max(counts)) if counts else DEFAULT_BATCH_SIZE
+
+
 class _SerializedProgress:
     """Forwards the progress hooks under a lock: every device's worker calls them."""
 
@@ -406,18 +437,8 @@ def replay(
     # A sampled split's fingerprint names its sample: results of another sample, or of the
     # full set, differ in ``data`` and are never reused for it (``_reusable``), nor it for them.
     fingerprints = {name: split.fingerprint for name, split in splits.items()}
-    device_names = resolve_devices(devices) if isinstance(devices, str) else list(devices)
-    if not device_names:
-        raise DataError(
-            "devices= names no device; use 'auto', 'cpu', 'gpu' or device names.",
-            usage=True,
-            argument="devices",
-        )
-    output = Path(output) if output is not None else run.results_dir
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RunFormatError(f"cannot create the results folder {output}: {e}") from e
+    device_names = _device_names(devices)
+    output = _results_dir(run, output)
 
     wanted = parse_epochs(epochs)
     everything = run.checkpoints()  # opens every file once: list it once
@@ -447,11 +468,7 @@ def replay(
         else:
             todo.append(c)
 
-    batch = batch_size or DEFAULT_BATCH_SIZE
-    array_counts = [s.count for s in splits.values() if isinstance(s, ArraySplit)]
-    if batch_size is None and array_counts:
-        # No default batch larger than the data: that shape would occur nowhere.
-        batch = min(batch, max(array_counts))
+    batch = _batch_size(batch_size, splits)
     per_ckpt = sum(s.num_batches(batch) or 0 for s in splits.values()) or None
     with progress_display(progress) as display:
         # Device workers report from their own threads.
