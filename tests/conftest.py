@@ -146,19 +146,17 @@ def replayed_run(run_copy, replay_results) -> Path:
     return run_copy
 
 
+def replay_command(run_dir, *options: str) -> list[str]:
+    """The command line of ``trueloss-replay replay RUN_DIR --no-progress OPTIONS...`` run by
+    this interpreter (the console script may belong to another environment)."""
+    cli = "from trueloss_replay.cli import main; main()"
+    return [sys.executable, "-c", cli, "replay", str(run_dir), "--no-progress", *options]
+
+
 def replay_in_subprocess(run_dir, output, env: dict[str, str]) -> subprocess.CompletedProcess:
     """``trueloss-replay replay RUN_DIR --results OUTPUT`` as a real process, in ``env``."""
     return subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from trueloss_replay.cli import main; main()",
-            "replay",
-            str(run_dir),
-            "--no-progress",
-            "--results",
-            str(output),
-        ],
+        replay_command(run_dir, "--results", str(output)),
         env=env,
         capture_output=True,
         text=True,

@@ -20,6 +20,8 @@ from trueloss_replay.cli import main
 from trueloss_replay.errors import ShardError
 from trueloss_replay.scheduler import Shard, parse_shard
 
+from .conftest import replay_command
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 # Every job-array variable parse_shard reads, unset for a clean environment.
@@ -170,16 +172,7 @@ def test_replay_shard_usage_errors(trained_run, tmp_path, args, message):
 
 def start_shard(run_dir: Path, shard: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from trueloss_replay.cli import main; main()",
-            "replay",
-            str(run_dir),
-            "--no-progress",
-            "--shard",
-            shard,
-        ],
+        replay_command(run_dir, "--shard", shard),
         env=_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
