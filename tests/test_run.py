@@ -14,6 +14,7 @@ import pytest
 from trueloss_replay.errors import CheckpointMismatchError, RunFormatError
 from trueloss_replay.run import (
     EpochSet,
+    _read_exact,
     atomic_write_json,
     check_signature,
     read_checkpoint,
@@ -324,3 +325,68 @@ def test_errors_name_the_file_in_fields_as_well_as_in_text(run_copy):
     assert bad_checkpoint.value.checkpoint == "e0002.h5"
     assert bad_checkpoint.value.path == run_copy / "checkpoints" / "e0002.h5"
     assert "epochs=" in str(bad_checkpoint.value) and "--epochs" not in str(bad_checkpoint.value)
+
+
+# --------------------------------------------------------------------------- the fast read
+
+
+def _checked_read(path: Path, tmp_path: Path) -> dict[str, np.ndarray]:
+    """The high-level, checked read of ``read_weights``: a copy outside any run folder has
+    no recorded signature, which is what the fast path needs."""
+    copy = tmp_path / "outside" / path.name
+    copy.parent.mkdir(exist_ok=True)
+    shutil.copy(path, copy)
+    return read_weights(copy)
+
+
+def test_the_fast_read_gives_what_the_checked_read_gives(trained_run, tmp_path):
+    path = trained_run.path / "checkpoints" / "e0002.h5"
+    signature = read_manifest(trained_run.path)["variables"]
+
+    fast = _read_exact(path, signature)
+    checked = _checked_read(path, tmp_path)
+
+    assert fast is not None  # a checkpoint the callback wrote takes the fast path
+    assert list(fast) == list(checked)  # the same keys, in the file's index order
+    for key in checked:
+        assert fast[key].dtype == checked[key].dtype
+        np.testing.assert_array_equal(fast[key], checked[key])
+    assert list(read_weights(path)) == list(checked)
+
+
+def _gzip(path: Path) -> None:
+    key, _ = first_variable(path)
+    with h5py.File(path, "r+") as f:
+        data = f["weights"][key][()]
+        del f["weights"][key]
+        f["weights"].create_dataset(key, data=data, compression="gzip").attrs["index"] = 0
+
+
+def _extra(path: Path) -> None:
+    with h5py.File(path, "r+") as f:
+        f["weights"].create_dataset("extra/kernel", data=np.zeros(3, "float32"))
+
+
+def _float64(path: Path) -> None:
+    key, _ = first_variable(path)
+    with h5py.File(path, "r+") as f:
+        data = f["weights"][key][()].astype("float64")
+        del f["weights"][key]
+        f["weights"].create_dataset(key, data=data).attrs["index"] = 0
+
+
+@pytest.mark.parametrize("change", [_gzip, _extra, _float64], ids=["gzip", "extra", "float64"])
+def test_anything_but_the_exact_layout_takes_the_checked_read(checkpoint, run_copy, change):
+    signature = read_manifest(run_copy)["variables"]
+    key, _ = first_variable(checkpoint)
+    before = read_weights(checkpoint)[key]
+    change(checkpoint)
+
+    assert _read_exact(checkpoint, signature) is None
+    if change is _extra:
+        with pytest.raises(CheckpointMismatchError, match="extra/kernel"):
+            read_weights(checkpoint)
+    else:  # a compressed or wider variable is still read, by the checked path
+        after = read_weights(checkpoint)[key]
+        assert after.dtype == (np.float64 if change is _float64 else np.float32)
+        np.testing.assert_array_equal(after, before)

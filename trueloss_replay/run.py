@@ -459,6 +459,11 @@ def read_weights(
     """
     path = Path(path)
     source = str(path)
+    signature = expected if expected is not None else _recorded_signature(path)
+    if signature is not None:
+        weights = _read_exact(path, signature)
+        if weights is not None:
+            return weights
     try:
         with h5py.File(path, "r") as f:
             group = f.get("weights")
@@ -474,7 +479,6 @@ def read_weights(
             datasets = {name: obj for _, name, obj in sorted(found, key=lambda t: t[0])}
             for name, obj in datasets.items():
                 _check_numeric(name, obj.dtype, source)
-            signature = expected if expected is not None else _recorded_signature(path)
             if signature is not None:
                 check_signature(signature, datasets, source)
             for name, obj in datasets.items():
@@ -495,6 +499,69 @@ def read_weights(
         ) from e
     except (OSError, KeyError, ValueError, TypeError) as e:
         raise _unreadable(path, e) from e
+
+
+def _read_exact(path: Path, signature: Sequence[Sequence[Any]]) -> dict[str, np.ndarray] | None:
+    """The fast path of ``read_weights``: the checkpoint's arrays when the file is exactly
+    what the signature describes, else None (``read_weights`` then takes the checked path,
+    which also says what is wrong).
+
+    Exactly: the ``weights`` group holds datasets with the signature's names and nothing else,
+    each of the signature's shape and dtype, uncompressed, storing every byte it declares.
+    That is every checkpoint the callback writes, read with h5py's low-level API: a tenth of
+    the high-level one's time (about 1 ms for the reference MLP's 1.2 MB), which matters
+    where the forward pass takes about as long (a small model on a GPU).
+    """
+    wanted: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    try:
+        for key, shape, *rest in signature:
+            wanted[str(key)] = (tuple(int(d) for d in shape), np.dtype(rest[0]) if rest else None)
+    except (TypeError, ValueError):  # a dtype numpy does not name (bfloat16): checked path
+        return None
+    if any(dtype is None or dtype.kind not in _NUMERIC_KINDS for _, dtype in wanted.values()):
+        return None
+    try:
+        fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY)
+    except (OSError, ValueError, TypeError):
+        return None
+    try:
+        group = h5py.h5o.open(fid, b"weights")
+        if not isinstance(group, h5py.h5g.GroupID):
+            return None
+        datasets: list[bytes] = []
+
+        def visit(name: bytes, info) -> None:
+            if info.type == h5py.h5o.TYPE_DATASET:
+                datasets.append(name)
+
+        h5py.h5o.visit(group, visit, info=True)
+        if sorted(n.decode() for n in datasets) != sorted(wanted):
+            return None
+        found = []
+        for position, name in enumerate(datasets):
+            key = name.decode()
+            shape, dtype = wanted[key]
+            dataset = h5py.h5d.open(group, name)
+            if dataset.shape != shape or dataset.dtype != dtype:
+                return None
+            if dataset.get_create_plist().get_nfilters() > 0:
+                return None
+            array = np.empty(shape, dtype)
+            if dataset.get_storage_size() < array.nbytes:
+                return None
+            if array.size:
+                dataset.read(h5py.h5s.ALL, h5py.h5s.ALL, array)
+            index = position
+            if h5py.h5a.exists(dataset, b"index"):
+                value = np.zeros((), np.int64)
+                h5py.h5a.open(dataset, b"index").read(value)
+                index = int(value)
+            found.append((index, key, array))
+    except (OSError, ValueError, TypeError, KeyError, MemoryError):
+        return None
+    finally:
+        fid.close()
+    return {key: array for _, key, array in sorted(found, key=lambda t: t[0])}
 
 
 #: What to do about a damaged checkpoint, in every message that says one is.
