@@ -121,11 +121,51 @@ def test_ragged_last_batch_changes_no_figure(batch_size):
     model = _counted_model()
     x, y, sw = _arrays()
     expected = _numpy_figures(model, x, y, sw)
-    figures, count = Evaluator(model).evaluate(ArraySplit("train", x, y, sw), batch_size)
+    evaluator = Evaluator(model)
+    figures, count = evaluator.evaluate(ArraySplit("train", x, y, sw), batch_size)
     assert count == 61
     assert figures["examples"] == 61.0
+    assert callable(evaluator._results_program)  # the metrics' results ran compiled
     for key in ("loss", "accuracy", "regularization_loss"):
         assert figures[key] == pytest.approx(expected[key], rel=RTOL), key
+
+
+class HostMeanConfidence(keras.metrics.Metric):
+    """The mean top-class probability, its result() computed with numpy: untraceable."""
+
+    def __init__(self, name="confidence", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.total = self.add_variable(shape=(), initializer="zeros", name="total")
+        self.count = self.add_variable(shape=(), initializer="zeros", name="count")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        self.total.assign_add(keras.ops.sum(keras.ops.max(y_pred, axis=-1)))
+        self.count.assign_add(keras.ops.cast(keras.ops.shape(y_pred)[0], self.dtype))
+
+    def result(self):
+        return float(np.asarray(self.total.value)) / float(np.asarray(self.count.value))
+
+
+def test_metric_results_are_right_whether_or_not_result_can_be_compiled():
+    """Metric results run as one compiled host program; a result() that only runs eagerly
+    (numpy on the state) is computed eagerly, and both are right."""
+    model = _counted_model()
+    model.compile(
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy", ExampleCount(), HostMeanConfidence()],
+    )
+    x, y, sw = _arrays()
+    p = model.predict(x, batch_size=len(x), verbose=0).astype("float64")
+    evaluator = Evaluator(model)
+
+    figures, _ = evaluator.evaluate(ArraySplit("train", x, y, sw), 20)
+
+    assert figures["examples"] == 61.0
+    assert figures["accuracy"] == pytest.approx((p.argmax(axis=1) == y).mean(), rel=RTOL)
+    assert figures["confidence"] == pytest.approx(p.max(axis=1).mean(), rel=RTOL)
+    assert evaluator._results_program is False  # the eager way, after the compiled one failed
+    again, _ = evaluator.evaluate(ArraySplit("train", x, y, sw), 20)
+    assert again == figures
 
 
 def test_programs_are_traced_once_per_shape_not_per_checkpoint(trained_run):

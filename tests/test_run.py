@@ -352,6 +352,13 @@ def test_the_fast_read_gives_what_the_checked_read_gives(trained_run, tmp_path):
         assert fast[key].dtype == checked[key].dtype
         np.testing.assert_array_equal(fast[key], checked[key])
     assert list(read_weights(path)) == list(checked)
+    # Paths that differ only in Keras' per-process names match by position, as in
+    # check_signature (a Sequential model loaded from model.keras drops its own name).
+    renamed = [[f"outer_2/{key}", *rest] for key, *rest in signature]
+    by_position = _read_exact(path, renamed)
+    assert by_position is not None and list(by_position) == list(checked)
+    swapped = [renamed[1], renamed[0], *renamed[2:]]  # not one structure, position by position
+    assert _read_exact(path, swapped) is None
 
 
 def _gzip(path: Path) -> None:
