@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from trueloss_replay import engine
 from trueloss_replay import run as runfmt
 from trueloss_replay.scheduler import replay
 
@@ -97,39 +98,107 @@ def _add_checkpoints(run_dir, count):
 
 
 def _census(monkeypatch):
-    """Counts the checkpoints whose weights ``read_weights`` returned and that are still alive."""
-    census = {"alive": 0, "peak": 0, "read": 0}
-    read = runfmt.read_weights
+    """Counts the checkpoints whose weights are in host memory, until their arrays are freed:
+    one for each ``read_weights`` result, ``size`` for each ``Evaluator.host_stack`` buffer
+    set (the stacked path reads several checkpoints straight into those)."""
+    census = {"alive": 0, "peak": 0, "read": 0, "stacked": 0}
+    read, stack = runfmt.read_weights, engine.Evaluator.host_stack
     lock = threading.Lock()  # the reader thread and finalizers both count
 
-    def counted(path, *args, **kwargs):
-        weights = read(path, *args, **kwargs)
+    def hold(checkpoints, arrays):
         with lock:
-            census["read"] += 1
-            census["alive"] += 1
+            census["alive"] += checkpoints
             census["peak"] = max(census["peak"], census["alive"])
-        left = [len(weights)]
+        left = [len(arrays)]
 
         def release():
             with lock:
                 left[0] -= 1
                 if left[0] == 0:
-                    census["alive"] -= 1
+                    census["alive"] -= checkpoints
 
-        for array in weights.values():
+        for array in arrays:
             weakref.finalize(array, release)
+
+    def counted(path, *args, **kwargs):
+        weights = read(path, *args, **kwargs)
+        census["read"] += 1
+        hold(1, list(weights.values()))
         return weights
 
+    def counted_stack(evaluator, size):
+        buffers = stack(evaluator, size)
+        census["stacked"] += 1
+        hold(size, list(buffers))
+        return buffers
+
     monkeypatch.setattr(runfmt, "read_weights", counted)
+    monkeypatch.setattr(engine.Evaluator, "host_stack", counted_stack)
     return census
 
 
 @pytest.mark.parametrize("data_major", [False, True])
-def test_at_most_two_checkpoints_weights_in_host_memory(run_copy, monkeypatch, data_major):
+def test_host_memory_holds_two_checkpoints_or_three_groups_whatever_k(
+    run_copy, monkeypatch, data_major
+):
+    """12 checkpoints: data-major reads one at a time (at most two in host memory); the
+    stacked path, at groups of 2 here, holds at most three groups: the one whose figures are
+    read back (kept to evaluate again should it fail), the one running, the next."""
+    monkeypatch.setattr(engine, "STACK_MAX", 2)
     _add_checkpoints(run_copy, 8)
     census = _census(monkeypatch)
     replay(run_copy, data_major=data_major)
-    assert census["read"] == 12
-    assert census["peak"] <= 2
+    if data_major:
+        assert (census["read"], census["stacked"]) == (12, 0)
+        assert census["peak"] <= 2
+    else:
+        assert census["stacked"] == 6  # 6 groups of 2
+        assert census["peak"] <= 6
+    assert len(list((run_copy / "replay" / "results").glob("e*.json"))) == 12
     gc.collect()
     assert census["alive"] == 0
+
+
+def _recorded_evaluators(monkeypatch) -> list:
+    """Every Evaluator the scheduler creates (it imports the name, so that is patched)."""
+    from trueloss_replay import scheduler
+
+    created = []
+
+    class Recorded(engine.Evaluator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+    monkeypatch.setattr(scheduler, "Evaluator", Recorded)
+    return created
+
+
+def test_stacked_checkpoints_get_the_figures_they_get_one_at_a_time(
+    run_copy, tmp_path, monkeypatch
+):
+    """8 checkpoints at up to 3 per program call: groups of 3, 3 and 2 (padded to 3). Each
+    checkpoint's figures are those of the one-checkpoint programs, and the stacked programs
+    are traced once per shape (train: 3 batches of 50 and one of 30; val: 50 and 10)."""
+    _add_checkpoints(run_copy, 4)
+    monkeypatch.setattr(engine, "STACK_MAX", 3)
+    created = _recorded_evaluators(monkeypatch)
+
+    replay(run_copy, output=tmp_path / "stacked", batch_size=50)
+    (stacked_evaluator,) = created
+    monkeypatch.setattr(engine.Evaluator, "stack_size", lambda self, splits, n: 1)
+    replay(run_copy, output=tmp_path / "single", batch_size=50)
+
+    assert sorted(stacked_evaluator._programs) == ["loop@", "rest@"]
+    assert stacked_evaluator.traces == 4
+    stacked, single = _results(tmp_path / "stacked"), _results(tmp_path / "single")
+    assert sorted(stacked) == sorted(single) and len(stacked) == 8
+    for name in single:
+        for split in ("train", "val"):
+            assert set(stacked[name][split]) == set(single[name][split])
+            for key, value in single[name][split].items():
+                np.testing.assert_allclose(stacked[name][split][key], value, rtol=1e-6)
+        assert stacked[name]["examples"] == single[name]["examples"] == {"train": 180, "val": 60}
+    # Every checkpoint differs, so a mix-up of slots (or a padded slot's figures) would show.
+    losses = [stacked[name]["train"]["loss"] for name in sorted(stacked)]
+    assert len(set(losses)) == len(losses)

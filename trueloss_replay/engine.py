@@ -65,6 +65,10 @@ DEFAULT_BATCH_SIZE = 2048
 # Array data up to this size is kept on each device for the whole replay; larger data is
 # streamed from host memory batch by batch.
 DEVICE_CACHE_BYTES = 2 * 1024**3
+# Checkpoint-major replay evaluates up to STACK_MAX checkpoints per program call, their
+# weights stacked (at most STACK_BYTES of them): one dispatch, one read-back per group.
+STACK_BYTES = 64 * 1024**2
+STACK_MAX = 8
 
 
 # --------------------------------------------------------------------------- model
@@ -276,6 +280,17 @@ class _Resident:
     rest_count: int
 
 
+@dataclass
+class _Stacked:
+    """What ``Evaluator.dispatch_stacked`` started, for ``Evaluator.collect``: per split,
+    ``(pending outputs with a checkpoint axis, None)`` or ``(None, per checkpoint pending)``
+    for a split that streamed."""
+
+    splits: dict[str, Split]
+    pending: dict[str, tuple[Any, Any]]
+    count: int
+
+
 class Evaluator:
     """Evaluates one compiled model at many weights, on one device.
 
@@ -392,7 +407,152 @@ class Evaluator:
         pending = self._dispatch(split, batch_size, params, on_batch)
         return [self._reduce(outputs, split) for outputs in pending]
 
+    # --- several checkpoints per program
+
+    def stack_size(self, splits: Mapping[str, Split], checkpoints: int) -> int:
+        """How many checkpoints ``evaluate_stacked`` takes at once for ``checkpoints`` of
+        them: 1 (one at a time) unless every split is array data the device can keep and the
+        model is built; else up to ``STACK_MAX``, with at most ``STACK_BYTES`` of weights,
+        balanced so that the groups are about equally full."""
+        resident = all(
+            isinstance(split, ArraySplit) and split.nbytes <= DEVICE_CACHE_BYTES
+            for split in splits.values()
+        )
+        if not resident or not self.signature or checkpoints < 2:
+            return 1
+        nbytes = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in self.model.weights)
+        largest = int(max(1, min(STACK_MAX, STACK_BYTES // max(nbytes, 1), checkpoints)))
+        groups = -(-checkpoints // largest)
+        return -(-checkpoints // groups)
+
+    def host_stack(self, size: int) -> list[np.ndarray]:
+        """Host buffers for ``size`` checkpoints' weights, one ``[size, *shape]`` array per
+        variable in the program's order; a variable no checkpoint holds (a seed generator's
+        state) is the model's value in every slot."""
+        buffers = []
+        held = {id(v) for v in self.model.weights}
+        for v in self._ordered():
+            buffer = np.empty((size, *v.shape), np.dtype(v.dtype))
+            if id(v) not in held:
+                buffer[...] = np.asarray(v)
+            buffers.append(buffer)
+        return buffers
+
+    def fill(self, buffers: Sequence[np.ndarray], slot: int, path: Path) -> None:
+        """Reads a checkpoint straight into slot ``slot`` of ``host_stack``'s buffers.
+
+        Raises:
+            RunFormatError: the file is damaged.
+            CheckpointMismatchError: the weights do not fit the model.
+        """
+        by_id = {id(v): b[slot, ...] for v, b in zip(self._ordered(), buffers, strict=True)}
+        runfmt.read_weights_into(path, self.signature, [by_id[id(v)] for v in self.model.weights])
+
+    def stage_stack(self, buffers: Sequence[np.ndarray], count: int) -> Params:
+        """The first ``count`` slots of ``host_stack``'s buffers on this device, stacked; the
+        slots after them repeat the first (a group that is not full is padded, so the
+        program keeps its shape; their figures are never read)."""
+        for buffer in buffers:
+            buffer[count:] = buffer[:1]
+        return self._params_of(self.backend.to_device_many(list(buffers), self.device))
+
+    def load_slot(self, buffers: Sequence[np.ndarray], slot: int) -> None:
+        """Makes slot ``slot`` of ``host_stack``'s buffers the weights ``evaluate`` uses."""
+        placed = self.backend.to_device_many([b[slot, ...] for b in buffers], self.device)
+        self._params = self._params_of(placed)
+
+    def evaluate_stacked(
+        self,
+        splits: Mapping[str, Split],
+        batch_size: int,
+        params: Params,
+        count: int,
+        on_batch: Callable[..., None] | None = None,
+    ) -> list[dict[str, tuple[dict[str, float], int]]]:
+        """``evaluate_splits`` for the first ``count`` checkpoints of ``stage_stack``'s
+        weights: one program call per split and batch shape for all of them, every output
+        read back in one transfer.
+
+        Returns:
+            Per checkpoint, ``{split: (figures, count)}`` as ``evaluate_splits`` gives it.
+        """
+        return self.collect(self.dispatch_stacked(splits, batch_size, params, count, on_batch))
+
+    def dispatch_stacked(
+        self,
+        splits: Mapping[str, Split],
+        batch_size: int,
+        params: Params,
+        count: int,
+        on_batch: Callable[..., None] | None = None,
+    ) -> _Stacked:
+        """The first half of ``evaluate_stacked``: the programs are started and nothing is
+        read back, so the host can prepare the next group while the device works; ``collect``
+        is the second half."""
+        pending = {
+            name: self._dispatch_stacked(split, batch_size, params, count, on_batch)
+            for name, split in splits.items()
+        }
+        return _Stacked(dict(splits), pending, count)
+
+    def collect(self, stacked: _Stacked) -> list[dict[str, tuple[dict[str, float], int]]]:
+        """The figures of what ``dispatch_stacked`` started: waits for the device.
+
+        Raises:
+            EvaluationError: the device failed running the programs.
+        """
+        splits, count = stacked.splits, stacked.count
+        fetched = self._fetch(
+            {name: p for name, (p, _) in stacked.pending.items() if p is not None}, splits
+        )
+        per_split = {
+            name: [self._reduce(streamed[c], splits[name]) for c in range(count)]
+            if streamed is not None  # evaluated one checkpoint at a time
+            else self._figures_stacked(fetched[name], splits[name], count)
+            for name, (_, streamed) in stacked.pending.items()
+        }
+        return [{name: figures[c] for name, figures in per_split.items()} for c in range(count)]
+
+    def _dispatch_stacked(self, split, batch_size, params: Params, count: int, on_batch):
+        """A split's stacked programs for every checkpoint of ``params``; a split the device
+        cannot keep (it ran out of memory staging it) goes checkpoint by checkpoint.
+
+        Returns:
+            ``(pending, None)``: ``[(examples per batch, outputs with a checkpoint axis)]``;
+            or ``(None, per checkpoint pending)`` for a split that streamed.
+        """
+        suffix = self._suffix(split)
+        resident = self._resident_split(split, batch_size)
+        if resident is None:
+            one_by_one = [map_structure(lambda a, i=i: a[i], params) for i in range(count)]
+            return None, self._dispatch(split, batch_size, one_by_one, on_batch)
+        pending = []
+        with self.backend.device_scope(self.device):
+            if not self._built:
+                self._build(*(resident.rest or take(resident.stacked, 0)), split.name)
+            if resident.stacked is not None:
+                out = self._run("loop@" + suffix, params, resident.stacked, split.name, batch_size)
+                pending.append((batch_size, out))
+                if on_batch is not None:  # one bar's worth of batches per group
+                    on_batch(batch_size * resident.full * count, resident.full)
+            if resident.rest is not None:
+                n = resident.rest_count
+                pending.append(
+                    (n, self._run("rest@" + suffix, params, resident.rest, split.name, n))
+                )
+                if on_batch is not None:
+                    on_batch(n * count, 1)
+        return pending, None
+
     # --- dispatch
+
+    def _ordered(self) -> list[Any]:
+        """The variables in the order the programs take their values."""
+        return [*self.model.trainable_variables, *self.model.non_trainable_variables]
+
+    def _params_of(self, placed: Sequence[Any]) -> Params:
+        split = len(self.model.trainable_variables)
+        return list(placed[:split]), list(placed[split:])
 
     def _current(self) -> Params:
         if self._params is None:  # nothing loaded: the weights the model holds
@@ -403,13 +563,10 @@ class Evaluator:
         """The arrays in stateless-call order; a variable no checkpoint holds (a seed
         generator's state) keeps the model's value."""
 
-        model = self.model
-        ordered = [*model.trainable_variables, *model.non_trainable_variables]
+        ordered = self._ordered()
         arrays = [by_id.get(id(v)) for v in ordered]
         arrays = [np.asarray(v) if a is None else a for a, v in zip(arrays, ordered, strict=True)]
-        placed = self.backend.to_device_many(arrays, self.device)  # one transfer call
-        split = len(model.trainable_variables)
-        return placed[:split], placed[split:]
+        return self._params_of(self.backend.to_device_many(arrays, self.device))  # one call
 
     @property
     def signature(self) -> list[list[Any]]:
@@ -427,16 +584,7 @@ class Evaluator:
             program's outputs have one row per batch.
         """
         pending: list[list[tuple[int, Any]]] = [[] for _ in params]
-        # A sampled split's programs also return per-example values (for standard errors).
-        suffix = ":per_example" if getattr(split, "per_example", False) else ""
-        if suffix and overrides_compute_loss(self.model):
-            raise DataError(
-                f"train_sample= needs per-example losses, and {type(self.model).__name__} "
-                "overrides compute_loss, which returns one value per batch; leave "
-                "train_sample out to evaluate the full training set.",
-                usage=True,
-                argument="train_sample",
-            )
+        suffix = self._suffix(split)
         resident = self._resident_split(split, batch_size)
         with self.backend.device_scope(self.device):
             if resident is not None:
@@ -471,9 +619,24 @@ class Evaluator:
                 kind = ("step" if n == main else "rest") + suffix
                 for p, outputs in zip(params, pending, strict=True):
                     outputs.append((n, self._run(kind, p, placed, split.name, n)))
-                if on_batch is not None:
-                    on_batch(n * len(params), len(params))
+                if on_batch is not None:  # a batch produced once, for every weight set
+                    on_batch(n * len(params), 1)
         return pending
+
+    def _suffix(self, split: Split) -> str:
+        """``:per_example`` for a sampled split, whose programs also return per-example
+        values (for standard errors); else nothing."""
+        if not getattr(split, "per_example", False):
+            return ""
+        if overrides_compute_loss(self.model):
+            raise DataError(
+                f"train_sample= needs per-example losses, and {type(self.model).__name__} "
+                "overrides compute_loss, which returns one value per batch; leave "
+                "train_sample out to evaluate the full training set.",
+                usage=True,
+                argument="train_sample",
+            )
+        return ":per_example"
 
     def _to_device(self, value):
         return self.backend.to_device(value, self.device)
@@ -558,7 +721,11 @@ class Evaluator:
             def body(params, batch):
                 return self._step(params, batch, per_example=bool(per_example))
 
-            if base == "loop":
+            if base.endswith("@"):  # several checkpoints' weights stacked
+                loop = base == "loop@"
+                jit = self._xla if loop else bool(self.jit_compile)
+                program = backend.compile_stacked(body, jit, loop, on_trace=self._traced)
+            elif base == "loop":
                 program = backend.compile_loop(body, self._xla, on_trace=self._traced)
             else:
                 # A split's last batch: one call per checkpoint, so no XLA unless asked for.
@@ -705,48 +872,82 @@ class Evaluator:
     # --- read back
 
     def _reduce(self, pending: list[tuple[int, Any]], split: Split):
-        """Per-batch outputs to the split's figures: float64 sums on the host; for a sampled
-        split also ``<figure>_se``, the standard error from the per-example values
-        (``sampling.ratio_standard_error``).
+        """Per-batch outputs to the split's figures (``_figures_stacked``), read back in one
+        call.
 
         Reading back only now lets the device run ahead of the host.
         """
-        split_name = split.name
-        extras: list[list[np.ndarray]] = []
-        loss_sum = reg_sum = 0.0
-        count = 0
-        state_sums: list[np.ndarray] | None = None
+        fetched = self._fetch({split.name: pending}, {})[split.name]
+        one = [(n, map_structure(lambda a: np.expand_dims(a, 0), out)) for n, out in fetched]
+        return self._figures_stacked(one, split, 1)[0]
+
+    def _fetch(self, pending: Mapping[str, list[tuple[int, Any]]], splits) -> dict[str, list]:
+        """Every split's outputs as numpy, ``{split: [(examples per batch, outputs)]}``, in
+        one transfer (one wait for the device)."""
+        names = list(pending)
         try:  # an asynchronous device error surfaces when a value is read
-            fetched = self.backend.to_host([outputs for _, outputs in pending])
+            fetched = self.backend.to_host([[out for _, out in pending[n]] for n in names])
         except Exception as e:  # noqa: BLE001
-            raise evaluation_error(e, split_name, pending[0][0] if pending else 0) from e
-        for (n, _), (data, reg, states, *more) in zip(pending, fetched, strict=True):
-            if more:
-                extras.append([np.asarray(v, dtype=np.float64).reshape(-1) for v in more[0]])
-            data = np.asarray(data, dtype=np.float64)
-            reg = np.asarray(reg, dtype=np.float64)
-            values = [np.asarray(s, dtype=np.float64) for s in states]
-            if data.ndim:  # the loop program's outputs: one row per batch of n examples
-                values = [v.sum(axis=0) for v in values]
-            loss_sum += float(data.sum()) * n
-            reg_sum += float(reg.sum()) * n
-            count += n * data.size
+            first = pending[names[0]] if names else []
+            split = names[0] if names else ""
+            raise evaluation_error(e, split, first[0][0] if first else 0) from e
+        return {
+            name: [(n, out) for (n, _), out in zip(pending[name], values, strict=True)]
+            for name, values in zip(names, fetched, strict=True)
+        }
+
+    def _figures_stacked(
+        self, fetched: list[tuple[int, Any]], split: Split, count: int
+    ) -> list[tuple[dict[str, float], int]]:
+        """Per-batch outputs (numpy, a leading axis of ``count`` checkpoints) to each
+        checkpoint's figures: float64 sums on the host, for all checkpoints at once; for a
+        sampled split also ``<figure>_se``, the standard error from the per-example values
+        (``sampling.ratio_standard_error``)."""
+        loss_sums = np.zeros(count)
+        reg_sums = np.zeros(count)
+        examples = 0
+        state_sums: list[np.ndarray] | None = None
+        extras: list[list[np.ndarray]] = []
+        for n, (data, reg, states, *more) in fetched:
+            # A group that is not full was padded: its last slots are not read.
+            data = np.asarray(data, dtype=np.float64)[:count]
+            reg = np.asarray(reg, dtype=np.float64)[:count]
+            values = [np.asarray(s, dtype=np.float64)[:count] for s in states]
+            if data.ndim == 2:  # the loop program's: [checkpoints, batches] of n examples
+                examples += n * data.shape[1]
+                values = [v.sum(axis=1) for v in values]
+                data, reg = data.sum(axis=1), reg.sum(axis=1)
+            else:
+                examples += n
+            loss_sums += data * n
+            reg_sums += reg * n
             state_sums = (
                 values
                 if state_sums is None
                 else [a + b for a, b in zip(state_sums, values, strict=True)]
             )
-        if count == 0:
-            raise DataError(f"{split_name} data yielded no examples.")
-        figures = {"loss": loss_sum / count, "regularization_loss": reg_sum / count}
-        figures.update(self._metric_results(state_sums or []))
-        if extras:
-            population = getattr(split, "population", None)
-            columns = [np.concatenate(parts) for parts in zip(*extras, strict=True)]
-            for i, name in enumerate(self._per_example_names):
-                se = ratio_standard_error(columns[2 * i], columns[2 * i + 1], population)
-                figures[name + SE_SUFFIX] = se
-        return figures, count
+            if more:
+                extras.append([np.asarray(v, dtype=np.float64) for v in more[0]])
+        if examples == 0:
+            raise DataError(f"{split.name} data yielded no examples.")
+        results = []
+        for c in range(count):
+            figures = {
+                "loss": float(loss_sums[c]) / examples,
+                "regularization_loss": float(reg_sums[c]) / examples,
+            }
+            figures.update(self._metric_results([s[c] for s in state_sums or []]))
+            if extras:
+                population = getattr(split, "population", None)
+                columns = [
+                    np.concatenate([row[j][c].reshape(-1) for row in extras])
+                    for j in range(len(extras[0]))
+                ]
+                for i, name in enumerate(self._per_example_names):
+                    se = ratio_standard_error(columns[2 * i], columns[2 * i + 1], population)
+                    figures[name + SE_SUFFIX] = se
+            results.append((figures, examples))
+        return results
 
     def _metric_results(self, state_sums: Sequence[np.ndarray]) -> dict[str, float]:
         """Keras' own ``result()`` of the summed states, computed in host memory on values

@@ -125,22 +125,24 @@ class RichProgress(ProgressHooks):
             return
         self.examples += examples
         rate = self.examples / max(time.perf_counter() - self.started, 1e-9)
+        if self.bars.tasks[self.batches].finished:  # a new checkpoint (or group) begins
+            self.bars.reset(self.batches, rate=self.bars.tasks[self.batches].fields["rate"])
         self.bars.update(self.batches, advance=batches, rate=f"{rate:,.0f} examples/s")
         self._show()
 
     def checkpoint_done(self, result: dict[str, Any] | None, reused: bool) -> None:
         if self.checkpoints is None:
             return
+        # The batches bar starts again at the next checkpoint's first batch (``advance``),
+        # so the last one's full bar stays, with the final rate.
         self.bars.update(self.checkpoints, advance=1)
-        more = not self.bars.tasks[self.checkpoints].finished
-        if not reused and more and self.batches is not None:
-            # The last checkpoint's full bar stays, with the final rate.
-            self.bars.reset(self.batches, rate=self.bars.tasks[self.batches].fields["rate"])
         self._show()
 
     def checkpoint_failed(self, name: str, reason: str) -> None:
         if self.checkpoints is not None:
             self.bars.update(self.checkpoints, advance=1)
+        if self.batches is not None:  # the next checkpoint starts from an empty bar
+            self.bars.reset(self.batches, rate=self.bars.tasks[self.batches].fields["rate"])
         self.console.print(f"[red]{name}[/red]: {' '.join(reason.split())}")
         self._show()
 

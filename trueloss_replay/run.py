@@ -501,7 +501,28 @@ def read_weights(
         raise _unreadable(path, e) from e
 
 
-def _read_exact(path: Path, signature: Sequence[Sequence[Any]]) -> dict[str, np.ndarray] | None:
+def read_weights_into(
+    path: str | os.PathLike, expected: Sequence[Sequence[Any]], into: Sequence[np.ndarray]
+) -> None:
+    """``read_weights`` into arrays the caller owns: ``into[i]`` receives the variable of
+    ``expected[i]`` (a slot of a buffer that stacks several checkpoints, say). A checkpoint
+    laid out as the callback writes it is read straight into them; any other takes
+    ``read_weights``' checked path and is copied.
+
+    Raises:
+        RunFormatError, CheckpointMismatchError: as ``read_weights``.
+    """
+    path = Path(path)
+    if _read_exact(path, expected, into) is not None:
+        return
+    weights = read_weights(path, expected)
+    for destination, key in zip(into, check_signature(expected, weights, str(path)), strict=True):
+        destination[...] = weights[key]
+
+
+def _read_exact(
+    path: Path, signature: Sequence[Sequence[Any]], into: Sequence[np.ndarray] | None = None
+) -> dict[str, np.ndarray] | None:
     """The fast path of ``read_weights``: the checkpoint's arrays when the file is exactly
     what the signature describes, else None (``read_weights`` then takes the checked path,
     which also says what is wrong).
@@ -511,8 +532,11 @@ def _read_exact(path: Path, signature: Sequence[Sequence[Any]]) -> dict[str, np.
     differ only in Keras' per-process names), each of the signature's shape and dtype,
     uncompressed, storing every byte it declares. That is every checkpoint the callback
     writes, read with h5py's low-level API in a third of the high-level one's time, which
-    matters where the forward pass takes about as long (a small model on a GPU).
+    matters where the forward pass takes about as long (a small model on a GPU). With
+    ``into`` (arrays in the signature's order), the values go there.
     """
+    if into is not None and len(into) != len(signature):
+        raise ValueError(f"{len(into)} arrays to read {len(signature)} variables into")
     try:
         wanted = [
             (str(key), tuple(int(d) for d in shape), np.dtype(rest[0]) if rest else None)
@@ -557,14 +581,16 @@ def _read_exact(path: Path, signature: Sequence[Sequence[Any]]) -> dict[str, np.
                 return None
             keys = file_keys  # matched by position, as check_signature does
         arrays = {}
-        for key, (_, shape, dtype) in zip(keys, wanted, strict=True):
+        for i, (key, (_, shape, dtype)) in enumerate(zip(keys, wanted, strict=True)):
             dataset = by_key[key]
             if dataset.shape != shape or dataset.dtype != dtype:
                 return None
             if dataset.get_create_plist().get_nfilters() > 0:
                 return None
-            array = np.empty(shape, dtype)
-            if dataset.get_storage_size() < array.nbytes:
+            if dataset.get_storage_size() < math.prod(shape) * dtype.itemsize:
+                return None
+            array = np.empty(shape, dtype) if into is None else into[i]
+            if array.shape != shape or not array.flags.c_contiguous:
                 return None
             if array.size:
                 dataset.read(h5py.h5s.ALL, h5py.h5s.ALL, array)
@@ -887,6 +913,7 @@ def make_result(
     seconds: float,
     evaluated: float | None = None,
     sample: Mapping[str, Any] | None = None,
+    stacked: int = 1,
 ) -> dict[str, Any]:
     """One checkpoint's result, as ``write_result`` stores it (format ``trueloss-replay/result``).
 
@@ -899,8 +926,10 @@ def make_result(
         batch_size: the evaluation batch size per split (None for a dataset's own).
         backend: the Keras backend that evaluated it.
         device: the device that evaluated it.
-        seconds: how long the evaluation took.
+        seconds: how long the evaluation took; for checkpoints evaluated together (``stacked``
+            > 1), their program call's share of the wall time.
         evaluated: Unix seconds when it was evaluated (default now).
+        stacked: how many checkpoints one program call evaluated with this one (1: alone).
         sample: per sampled split (``train``), its ``size``, ``seed``, ``population`` and
             ``indices_sha256`` (``sampling.SampledSplit.sample``); None for full sets. The
             same record is in ``data``, so a result is reused only for the same sample.
@@ -929,6 +958,7 @@ def make_result(
         "seconds": seconds,
         "evaluated": time.time() if evaluated is None else evaluated,
         "sample": None if sample is None else {k: dict(v) for k, v in sample.items()},
+        "stacked": stacked,
     }
 
 

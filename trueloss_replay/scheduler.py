@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import queue
@@ -613,8 +614,11 @@ def _evaluate_all(
         ctx.batch = replica.batch  # as an earlier call left it (halved on out-of-memory)
         try:
             group = _group_size(replica.evaluator.model, data_major, share)
+            stack = replica.evaluator.stack_size(splits, share)
             if group > 1:
                 _data_major_loop(ctx, work, group)
+            elif stack > 1:
+                _stacked_loop(ctx, work, stack)
             else:
                 _checkpoint_major_loop(ctx, work)
         except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
@@ -678,7 +682,18 @@ class _Context:
                     stacklevel=2,
                 )
 
-    def result(self, checkpoint, figures, examples, seconds: float) -> dict[str, Any]:
+    def result(
+        self,
+        checkpoint,
+        figures,
+        examples,
+        seconds: float,
+        stacked: int = 1,
+        batch: int | None = None,
+    ) -> dict[str, Any]:
+        """The result of a checkpoint evaluated at array batches of ``batch`` (default the
+        current size), with ``stacked`` checkpoints per program call."""
+        batch = self.batch if batch is None else batch
         return runfmt.make_result(
             checkpoint,
             train=figures["train"],
@@ -687,12 +702,13 @@ class _Context:
             data=self.fingerprints,
             # Array data is cut at this size; datasets keep their own batches.
             batch_size={
-                name: self.batch if isinstance(split, ArraySplit) else None
+                name: batch if isinstance(split, ArraySplit) else None
                 for name, split in self.splits.items()
             },
             backend=self.evaluator.backend.NAME,
             device=self.evaluator.device,
             seconds=seconds,
+            stacked=stacked,
             sample={
                 name: split.sample
                 for name, split in self.splits.items()
@@ -735,6 +751,149 @@ def _checkpoint_major_loop(ctx: _Context, work: queue.Queue) -> None:
                 ctx.failed(checkpoint, e)
                 continue
             ctx.done(checkpoint, result)
+
+
+def _stacked_loop(ctx: _Context, work: queue.Queue, size: int) -> None:
+    """Up to ``size`` checkpoints per program call, their weights stacked on the device.
+
+    For models whose forward pass is short (a small model on a GPU), per-checkpoint work on
+    the host would otherwise dominate: a program call per split and batch shape, a read-back,
+    a file read, a result written. Here the groups form a pipeline: while the device runs a
+    group, the host reads the next one (straight into its stacked host buffers, on a reader
+    thread), starts it, and only then waits for the group before and turns its outputs into
+    figures; results are written on a writer thread. A group's figures are each checkpoint's
+    own, as one at a time; a result's ``seconds`` is its group's share of the wall time.
+    """
+    evaluator = ctx.evaluator
+
+    def gather() -> tuple[list, list[np.ndarray] | None]:
+        buffers = None
+        members: list = []
+        while len(members) < size and (checkpoint := _take(work)) is not None:
+            if buffers is None:
+                buffers = evaluator.host_stack(size)
+            try:
+                evaluator.fill(buffers, len(members), checkpoint.path)
+            except DataError:
+                raise
+            except TruelossReplayError as e:
+                ctx.failed(checkpoint, e)
+                continue
+            members.append(checkpoint)
+        return members, buffers
+
+    with (
+        ThreadPoolExecutor(max_workers=1) as reader,
+        ThreadPoolExecutor(max_workers=1) as writer,
+    ):
+        written: list = []
+        upcoming = reader.submit(gather)
+        previous: _Group | None = None
+        last_done = time.perf_counter()
+        while True:
+            members, buffers = upcoming.result()
+            current = None
+            if members:
+                # Read the next group while this one evaluates: at most two groups' weights
+                # in host memory per device.
+                upcoming = reader.submit(gather)
+                current = _Group(members, buffers, ctx.batch)
+                try:
+                    params = evaluator.stage_stack(buffers, len(members))
+                    current.started = evaluator.dispatch_stacked(
+                        ctx.splits, ctx.batch, params, len(members), ctx.progress.advance
+                    )
+                except DataError:
+                    raise
+                except TruelossReplayError:
+                    current.started = None  # evaluated again when its turn comes
+            if previous is not None:
+                outcome = _finish(ctx, previous)
+                now = time.perf_counter()
+                if outcome is not None:
+                    seconds = (now - last_done) / len(previous.members)
+                    for checkpoint, figures in zip(previous.members, outcome, strict=True):
+                        result = ctx.result(
+                            checkpoint,
+                            {name: f for name, (f, _) in figures.items()},
+                            {name: n for name, (_, n) in figures.items()},
+                            seconds,
+                            stacked=len(previous.members),
+                            batch=previous.batch,
+                        )
+                        written.append(writer.submit(ctx.done, checkpoint, result))
+                last_done = now
+            if current is None:
+                break
+            previous = current
+        for future in written:
+            future.result()  # an unexpected error in writing comes out here
+
+
+@dataclasses.dataclass
+class _Group:
+    """Checkpoints evaluated by one program call: their stacked host weights, the batch
+    size they were started at, and what ``dispatch_stacked`` started (None: it failed)."""
+
+    members: list
+    buffers: list[np.ndarray]
+    batch: int
+    started: Any = None
+
+
+def _finish(ctx: _Context, group: _Group) -> list | None:
+    """A started group's figures, per checkpoint. If it failed (or failed to start), it is
+    evaluated again: as a group at half the batch size when the device ran out of memory,
+    and one checkpoint at a time when one checkpoint's weights are at fault (a numeric
+    check), so each gets its own result or error; then None (those were reported)."""
+    evaluator = ctx.evaluator
+    if group.started is not None:
+        try:
+            return evaluator.collect(group.started)
+        except DataError:
+            raise
+        except TruelossReplayError:
+            pass
+    try:
+        params = evaluator.stage_stack(group.buffers, len(group.members))
+        outcome = ctx.evaluate(
+            functools.partial(
+                _evaluate_stacked, evaluator, ctx, params=params, count=len(group.members)
+            )
+        )
+        group.batch = ctx.batch  # halved if the device ran out of memory
+        return outcome
+    except DataError:
+        raise
+    except TruelossReplayError:
+        _one_by_one(ctx, group.members, group.buffers)
+        return None
+
+
+def _evaluate_stacked(evaluator, ctx: _Context, batch: int, *, params, count: int):
+    return evaluator.evaluate_stacked(ctx.splits, batch, params, count, ctx.progress.advance)
+
+
+def _one_by_one(ctx: _Context, members: list, buffers: Sequence[np.ndarray]) -> None:
+    """A failed group again, one checkpoint at a time, so each gets its own result or error."""
+    evaluator = ctx.evaluator
+    for slot, checkpoint in enumerate(members):
+        started = time.perf_counter()
+        try:
+            evaluator.load_slot(buffers, slot)
+            outcome = ctx.evaluate(
+                lambda batch: evaluator.evaluate_splits(ctx.splits, batch, ctx.progress.advance)
+            )
+        except DataError:
+            raise
+        except TruelossReplayError as e:
+            ctx.failed(checkpoint, e)
+            continue
+        figures = {name: f for name, (f, _) in outcome.items()}
+        examples = {name: n for name, (_, n) in outcome.items()}
+        ctx.done(
+            checkpoint, ctx.result(checkpoint, figures, examples, time.perf_counter() - started)
+        )
 
 
 def _data_major_loop(ctx: _Context, work: queue.Queue, group: int) -> None:

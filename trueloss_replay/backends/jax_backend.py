@@ -154,6 +154,29 @@ def compile_loop(body: Callable, jit: bool, on_trace: Callable | None = None) ->
     return jax.jit(program)
 
 
+def compile_stacked(
+    body: Callable, jit: bool, loop: bool, on_trace: Callable | None = None
+) -> Callable:
+    """``program(stacked_params, data)``: the checkpoints' weights stacked on a leading axis,
+    each evaluated in turn (``jax.lax.map``) on ``data``: the stacked batches when ``loop``
+    (``body`` over them, as ``compile_loop``), else one batch. Outputs gain a leading
+    checkpoint axis. Each checkpoint's computation is the one-checkpoint program's."""
+    import jax
+
+    def program(params, data):
+        if on_trace is not None:
+            on_trace()
+
+        def one(p):
+            if loop:
+                return jax.lax.map(lambda batch: body(p, batch), data)
+            return body(p, data)
+
+        return jax.lax.map(one, params)
+
+    return jax.jit(program)
+
+
 def is_runtime_error(error: BaseException) -> bool:
     """An error raised while running a program (not while tracing it)."""
     try:

@@ -116,20 +116,53 @@ def compile_loop(body: Callable, jit: bool, on_trace: Callable | None = None) ->
     def program(params, stacked):
         if on_trace is not None:
             on_trace()
-        present = [i for i, item in enumerate(stacked) if item is not None]
-
-        def one(elems):
-            batch = [None] * len(stacked)
-            for i, item in zip(present, elems, strict=True):
-                batch[i] = item
-            return body(params, tuple(batch))
-
-        elems = tuple(stacked[i] for i in present)
-        first = tf.nest.map_structure(lambda t: t[0], elems)
-        signature = tf.nest.map_structure(tf.TensorSpec.from_tensor, one(first))
-        return tf.map_fn(one, elems, fn_output_signature=signature)
+        return _over_batches(body, params, stacked)
 
     return tf.function(program, jit_compile=jit, reduce_retracing=False, autograph=False)
+
+
+def compile_stacked(
+    body: Callable, jit: bool, loop: bool, on_trace: Callable | None = None
+) -> Callable:
+    """``program(stacked_params, data)``: the checkpoints' weights stacked on a leading axis,
+    each evaluated in turn (``tf.map_fn``) on ``data``: the stacked batches when ``loop``
+    (``body`` over them, as ``compile_loop``), else one batch. Outputs gain a leading
+    checkpoint axis. Each checkpoint's computation is the one-checkpoint program's."""
+    import tensorflow as tf
+
+    def program(params, data):
+        if on_trace is not None:
+            on_trace()
+
+        def one(p):
+            return _over_batches(body, p, data) if loop else body(p, data)
+
+        return _map(one, params)
+
+    return tf.function(program, jit_compile=jit, reduce_retracing=False, autograph=False)
+
+
+def _over_batches(body: Callable, params: Any, stacked: tuple) -> Any:
+    """``body(params, batch)`` for each leading-axis slice of ``stacked`` (None items stay
+    None), outputs stacked."""
+    present = [i for i, item in enumerate(stacked) if item is not None]
+
+    def one(elems):
+        batch = [None] * len(stacked)
+        for i, item in zip(present, elems, strict=True):
+            batch[i] = item
+        return body(params, tuple(batch))
+
+    return _map(one, tuple(stacked[i] for i in present))
+
+
+def _map(fn: Callable, elems: Any) -> Any:
+    """``tf.map_fn`` with the output signature taken from one traced call."""
+    import tensorflow as tf
+
+    first = tf.nest.map_structure(lambda t: t[0], elems)
+    signature = tf.nest.map_structure(tf.TensorSpec.from_tensor, fn(first))
+    return tf.map_fn(fn, elems, fn_output_signature=signature)
 
 
 def is_runtime_error(error: BaseException) -> bool:
