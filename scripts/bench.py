@@ -616,54 +616,68 @@ def _make_replay_run(
 
 
 class _WeightsCensus:
-    """Counts the checkpoints whose weights ``read_weights`` returned and are still alive."""
+    """Counts the checkpoints whose weights are in host memory: those ``read_weights``
+    returned, and the slots of the stacked buffers (``Evaluator.host_stack``) that replay
+    reads several checkpoints into, until their arrays are freed."""
 
     def __init__(self):
         self.alive = 0
         self.peak = 0
 
-    def wrap(self, read_weights):
+    def hold(self, checkpoints: int, arrays: list) -> None:
         import weakref
 
+        if not arrays:
+            return
+        self.alive += checkpoints
+        self.peak = max(self.peak, self.alive)
+        remaining = [len(arrays)]  # held until the last array is freed
+
+        def release():
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                self.alive -= checkpoints
+
+        for array in arrays:
+            weakref.finalize(array, release)
+
+    def wrap(self, read_weights):
         def counted(path, *args, **kwargs):
             weights = read_weights(path, *args, **kwargs)
-            arrays = list(weights.values())
-            if arrays:
-                self.alive += 1
-                self.peak = max(self.peak, self.alive)
-                # The checkpoint counts as held until its last array is freed.
-                remaining = [len(arrays)]
-
-                def release():
-                    remaining[0] -= 1
-                    if remaining[0] == 0:
-                        self.alive -= 1
-
-                for array in arrays:
-                    weakref.finalize(array, release)
+            self.hold(1, list(weights.values()))
             return weights
+
+        return counted
+
+    def wrap_stack(self, host_stack):
+        def counted(evaluator, size):
+            buffers = host_stack(evaluator, size)
+            self.hold(size, list(buffers))
+            return buffers
 
         return counted
 
 
 def _replay_memory(run_dir: Path, epochs: str | None, batch_size: int) -> dict[str, Any]:
     """One untimed replay under tracemalloc: host (numpy and Python) peak bytes, and the
-    most checkpoints' weights alive at once."""
+    most checkpoints' weights in host memory at once."""
     import tracemalloc
 
+    from trueloss_replay import engine
     from trueloss_replay import run as runfmt
     from trueloss_replay.scheduler import replay
 
     census = _WeightsCensus()
-    original = runfmt.read_weights
+    original, stack = runfmt.read_weights, engine.Evaluator.host_stack
     runfmt.read_weights = census.wrap(original)
+    engine.Evaluator.host_stack = census.wrap_stack(stack)
     tracemalloc.start()
     try:
         replay(run_dir, epochs=epochs, batch_size=batch_size, force=True)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-        runfmt.read_weights = original
+        runfmt.read_weights, engine.Evaluator.host_stack = original, stack
     return {"tracemalloc_peak_bytes": peak, "checkpoints_alive_peak": census.peak}
 
 
@@ -827,7 +841,9 @@ def _replay_profile(run_dir: Path, floors: dict[str, _Floor], batch_size: int, r
     compilation). Per checkpoint: reading the weights file (replay does it on a background
     thread during the previous checkpoint's evaluation), ``load`` (the weights onto the
     device), ``evaluate_splits`` of train and val (programs, read-back, float64 sums, metric
-    results), writing the result file; then the floors' passes.
+    results), writing the result file; then the floors' passes. Then replay's own path,
+    per group of up to 8 checkpoints: reading them into the stacked host buffers, staging
+    them on the device, and one ``evaluate_stacked`` of both splits.
     """
     from trueloss_replay import engine
     from trueloss_replay import run as runfmt
@@ -837,7 +853,7 @@ def _replay_profile(run_dir: Path, floors: dict[str, _Floor], batch_size: int, r
     run = runfmt.Run(run_dir)
     checkpoints = run.checkpoints()
     device = resolve_devices("auto")[0]
-    times: dict[str, dict[str, list[float]]] = {"setup": {}, "per_checkpoint": {}}
+    times: dict[str, dict[str, list[float]]] = {"setup": {}, "per_checkpoint": {}, "stacked": {}}
 
     @contextlib.contextmanager
     def timed(kind: str, name: str):
@@ -866,14 +882,35 @@ def _replay_profile(run_dir: Path, floors: dict[str, _Floor], batch_size: int, r
             for name, floor in floors.items():
                 with timed("per_checkpoint", name):
                     floor.run()
+        # Replay's own path: up to 8 checkpoints per program call (stack_size), per group.
+        size = evaluator.stack_size(splits, len(checkpoints))
+        group = checkpoints[:size]
+        with timed("stacked", f"read {size} checkpoints into the stacked buffers"):
+            buffers = evaluator.host_stack(size)
+            for slot, checkpoint in enumerate(group):
+                evaluator.fill(buffers, slot, checkpoint.path)
+        with timed("stacked", f"stage_stack: {size} checkpoints' weights onto the device"):
+            params = evaluator.stage_stack(buffers, len(group))
+        evaluator.evaluate_stacked(splits, batch_size, params, len(group))  # compiles
+        with timed("stacked", f"evaluate_stacked(train, val) of {size} checkpoints"):
+            evaluator.evaluate_stacked(splits, batch_size, params, len(group))
     return {
         **{kind: {k: median(v) for k, v in items.items()} for kind, items in times.items()},
         "traces": evaluator.traces,
     }
 
 
-# "replay K" and "floor" make the headline figures and always run; --skip names the others.
-_REPLAY_VARIANTS = ("replay K", "replay 1", "reused", "naive", "floor", "per-batch floor")
+# "replay K", "replay 2K" and "floor" make the headline figures and always run; --skip names
+# the others.
+_REPLAY_VARIANTS = (
+    "replay K",
+    "replay 2K",
+    "replay 1",
+    "reused",
+    "naive",
+    "floor",
+    "per-batch floor",
+)
 _SKIPPABLE = {
     "replay-1": "replay 1",
     "reused": "reused",
@@ -921,12 +958,14 @@ _SKIPPABLE = {
 def replay_command(k, reps, workload, examples, batch_size, skip, profile, json_path):
     """Replay seconds per checkpoint against the one-program floor, a reused model and a loop.
 
-    On a run folder of K checkpoints (the initial weights and K-1 one-epoch fits on a few
+    On a run folder of 2K checkpoints (the initial weights and 2K-1 one-epoch fits on a few
     examples; the data snapshots are the full splits), measures per repetition, in rotated
     order:
 
     \b
-      replay K         replay(run_dir, force=True): every checkpoint, one public call
+      replay K         replay(run_dir, epochs="0-<K-1>", force=True): K checkpoints, one
+                       public call
+      replay 2K        replay(run_dir, force=True): all 2K checkpoints
       replay 1         replay(run_dir, epochs="0", force=True): one checkpoint
       reused           one model; per checkpoint: load weights, evaluate at --batch-size
       naive            per checkpoint: keras.saving.load_model, load weights, evaluate
@@ -937,11 +976,13 @@ def replay_command(k, reps, workload, examples, batch_size, skip, profile, json_
 
     An untimed replay of one checkpoint runs first, so that the process's one-time costs
     (JAX compiles each eager op once per process) fall on no variant. "incl. setup" is wall
-    time / K (model load, data load, tracing and XLA compilation included); "steady" is the
-    median of the checkpoints after the first, from the seconds each result records. The
-    floors' passes are K per repetition, compiled beforehand. Then one untimed replay of K
-    and of 1 checkpoint under tracemalloc (host peak bytes, checkpoints' weights alive at
-    once), and with --profile where a checkpoint's time goes in the engine.
+    time / K (model load, data load, tracing and XLA compilation included); "steady" is
+    (wall of replay 2K - wall of replay K) / K: what K more checkpoints cost one call,
+    reading, evaluating and writing included, with the one-time setup cancelled out (replay
+    evaluates up to 8 checkpoints per program call, so no single result's own seconds is
+    the steady cost). The floors' passes are K per repetition, compiled beforehand. Then one
+    untimed replay of K and of 1 checkpoint under tracemalloc (host peak bytes, checkpoints'
+    weights in host memory at once), and with --profile where a checkpoint's time goes.
 
     \b
     Example:
@@ -959,7 +1000,10 @@ def replay_command(k, reps, workload, examples, batch_size, skip, profile, json_
     skipped = {_SKIPPABLE[name] for name in skip}
     with tempfile.TemporaryDirectory(prefix="bench-replay-") as tmp:
         run_dir = Path(tmp) / "run"
-        _make_replay_run(run_dir, k, train, val, min(examples, spec.fit_examples), build=spec.build)
+        # 2K checkpoints: "replay K" replays the first K, "replay 2K" all of them.
+        _make_replay_run(
+            run_dir, 2 * k, train, val, min(examples, spec.fit_examples), build=spec.build
+        )
         model = _load_keras_model(run_dir, compile=False)
         floors = {
             name: _Floor(model, (train[0], val[0]), batch_size, one_program=name == "floor")
@@ -967,7 +1011,8 @@ def replay_command(k, reps, workload, examples, batch_size, skip, profile, json_
             if name not in skipped
         }
         variants: dict[str, Callable[[], Any]] = {
-            "replay K": lambda: _timed_replay(run_dir, None, batch_size),
+            "replay K": lambda: _timed_replay(run_dir, f"0-{k - 1}", batch_size),
+            "replay 2K": lambda: _timed_replay(run_dir, None, batch_size),
             "replay 1": lambda: _timed_replay(run_dir, "0", batch_size),
             "reused": lambda: _reused_model(run_dir, train, val, batch_size),
             "naive": lambda: _naive_loop(run_dir, train, val),
@@ -986,7 +1031,7 @@ def replay_command(k, reps, workload, examples, batch_size, skip, profile, json_
             for name in rotated(list(variants), rep):
                 raw[name].append(variants[name]())
                 _log(f"rep {rep + 1}/{reps} {name:<15} {_describe(raw[name][-1])}")
-        memory = {"replay K": _replay_memory(run_dir, None, batch_size)}
+        memory = {"replay K": _replay_memory(run_dir, f"0-{k - 1}", batch_size)}
         if "replay 1" in variants:
             memory["replay 1"] = _replay_memory(run_dir, "0", batch_size)
         profile_data = _replay_profile(run_dir, floors, batch_size, reps) if profile else None
@@ -1044,7 +1089,11 @@ def _replay_summary(raw: dict[str, list[Any]], k: int, compile_s: dict[str, floa
     floor = [median(times) for times in raw["floor"]]
     rows: dict[str, dict[str, Any]] = {}
     replay_k = raw["replay K"]
-    steady = [median(r["checkpoint_seconds"][1:]) for r in replay_k]
+    # What K more checkpoints cost one replay() call, everything included (reading, the
+    # programs, writing results); the setup (model, data, compilation) cancels out.
+    steady = [
+        (r2["wall"] - r1["wall"]) / k for r1, r2 in zip(replay_k, raw["replay 2K"], strict=True)
+    ]
     rows["replay"] = {
         "steady_per_rep": steady,
         "incl_setup_per_rep": [r["wall"] / k for r in replay_k],
@@ -1185,9 +1234,9 @@ def _print_replay(summary, info, config, profile) -> None:
             "not growing with K",
         ],
         [
-            f"checkpoints' weights alive at once, replay of {k}",
+            f"checkpoints' weights in host memory at once, replay of {k}",
             str(memory["replay K"]["checkpoints_alive_peak"]),
-            "<= 2",
+            "<= 2 groups of <= 8",
         ],
         ["process peak RSS (ru_maxrss, whole run), MiB", f"{info['ru_maxrss_mib']:.0f}", ""],
     ]
@@ -1198,7 +1247,8 @@ def _print_replay(summary, info, config, profile) -> None:
         print_table(
             ["where a replay's time goes (medians)", "seconds"],
             [[f"setup: {n}", v] for n, v in profile["setup"].items()]
-            + [[f"per checkpoint: {n}", v] for n, v in profile["per_checkpoint"].items()],
+            + [[f"per checkpoint: {n}", v] for n, v in profile["per_checkpoint"].items()]
+            + [[f"per group (replay's path): {n}", v] for n, v in profile["stacked"].items()],
         )
 
 

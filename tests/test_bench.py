@@ -7,6 +7,7 @@ machines that measure the JAX figures, where TensorFlow is not installed.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -42,7 +43,13 @@ DATAMAJOR = ["datamajor", "--examples", "400", "--k", "2", "--reps", "1", "--del
 WITHOUT_NAIVE = ["--skip", "naive"]
 ONLY_REPLAY_CHECKPOINT = ["--variant", "ReplayCheckpoint"]
 
-# Figures each benchmark's JSON must hold, as key paths; every one a positive number.
+# Figures each benchmark's JSON must hold, as key paths; every one a positive number, except
+# those in MAY_BE_NOISE: replay's steady cost is (wall of 2K - wall of K) / K, which on these
+# tiny settings is within the noise of the one-time compilation and can come out negative.
+MAY_BE_NOISE = {
+    ("summary", "replay_steady_over_floor"),
+    ("summary", "per_checkpoint", "replay", "steady"),
+}
 FIGURES = {
     "replay": [
         ("summary", "replay_steady_over_floor"),
@@ -111,7 +118,8 @@ def test_bench_subcommand_runs_and_writes_json(backend, args, tmp_path):
     assert machine["devices"] and machine["device_kind"]
     for path in FIGURES[args[0]]:
         value = _lookup(payload, path)
-        assert isinstance(value, (int, float)) and value > 0, (path, value)
+        assert isinstance(value, (int, float)) and math.isfinite(value), (path, value)
+        assert value > 0 or path in MAY_BE_NOISE, (path, value)
     if args[0] == "replay":
         skipped = {args[i + 1] for i, arg in enumerate(args) if arg == "--skip"}
         assert sorted(skipped) == payload["config"]["skipped"]

@@ -530,9 +530,10 @@ def _read_exact(
     Exactly: the ``weights`` group holds one dataset per signature entry and nothing else,
     matched as ``check_signature`` matches them (by path, or by position where the paths
     differ only in Keras' per-process names), each of the signature's shape and dtype,
-    uncompressed, storing every byte it declares. That is every checkpoint the callback
-    writes, read with h5py's low-level API in a third of the high-level one's time, which
-    matters where the forward pass takes about as long (a small model on a GPU). With
+    storing in the file at least the bytes it declares (so nothing expands on read). That
+    is every checkpoint the callback writes, read with h5py's low-level API in a third of
+    the high-level one's time, which matters where the forward pass takes about as long (a
+    small model on a GPU). With
     ``into`` (arrays in the signature's order), the values go there.
     """
     if into is not None and len(into) != len(signature):
@@ -585,8 +586,8 @@ def _read_exact(
             dataset = by_key[key]
             if dataset.shape != shape or dataset.dtype != dtype:
                 return None
-            if dataset.get_create_plist().get_nfilters() > 0:
-                return None
+            # Storing at least the bytes it declares, it cannot expand on read (a filter, if
+            # any, is then harmless).
             if dataset.get_storage_size() < math.prod(shape) * dtype.itemsize:
                 return None
             array = np.empty(shape, dtype) if into is None else into[i]
