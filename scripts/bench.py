@@ -717,11 +717,32 @@ def _timed_replay(run_dir: Path, epochs: str | None, batch_size: int) -> dict[st
         results = [r for r in results if r["epoch"] in wanted]
     return {
         "wall": wall,
-        # The evaluation of each checkpoint (weights in, train and val figures out), in the
-        # order evaluated: the first one carries the tracing and XLA compilation.
+        # Each checkpoint's share of the wall time, in the order evaluated: the first group
+        # carries the tracing and XLA compilation; "stacked" is each one's group size.
         "checkpoint_seconds": [r["seconds"] for r in results],
+        "stacked": [int(r.get("stacked") or 1) for r in results],
         "traces": [e.traces for e in created],
     }
+
+
+def _steady_seconds(run: dict[str, Any]) -> float | None:
+    """The median seconds per checkpoint of a replay's groups other than its first and last.
+
+    A group's results record its share of the wall time between the previous group's
+    figures and its own. The first group's share holds the compilation; with the pipeline,
+    on a backend that runs a program as it is called (TensorFlow), each interval holds the
+    next group's programs and this group's read-back, so the last group's holds no program.
+    The groups between are the steady cost, everything included. None with fewer than three
+    groups.
+    """
+    groups, i = [], 0
+    seconds, sizes = run["checkpoint_seconds"], run["stacked"]
+    while i < len(seconds):
+        size = max(1, sizes[i])
+        groups.append(seconds[i : i + size])
+        i += size
+    middle = [s for group in groups[1:-1] for s in group]
+    return median(middle) if middle else None
 
 
 def _load_keras_model(run_dir: Path, compile: bool = True):
@@ -920,7 +941,7 @@ _SKIPPABLE = {
 
 
 @cli.command("replay")
-@_k_option(10)
+@_k_option(12)
 @_reps_option(3)
 @click.option(
     "--workload",
@@ -976,11 +997,12 @@ def replay_command(k, reps, workload, examples, batch_size, skip, profile, json_
 
     An untimed replay of one checkpoint runs first, so that the process's one-time costs
     (JAX compiles each eager op once per process) fall on no variant. "incl. setup" is wall
-    time / K (model load, data load, tracing and XLA compilation included); "steady" is
-    (wall of replay 2K - wall of replay K) / K: what K more checkpoints cost one call,
-    reading, evaluating and writing included, with the one-time setup cancelled out (replay
-    evaluates up to 8 checkpoints per program call, so no single result's own seconds is
-    the steady cost). The floors' passes are K per repetition, compiled beforehand. Then one
+    time / K (model load, data load, tracing and XLA compilation included); "steady" is the
+    median seconds per checkpoint of replay 2K's groups of checkpoints (up to 8 share a
+    program call) other than the first and the last: reading, evaluating and writing
+    included, compilation not (K >= 9 gives three groups; with fewer, (wall of replay 2K -
+    wall of replay K) / K, which is noisy). The floors' passes are K per repetition,
+    compiled beforehand. Then one
     untimed replay of K and of 1 checkpoint under tracemalloc (host peak bytes, checkpoints'
     weights in host memory at once), and with --profile where a checkpoint's time goes.
 
@@ -1089,10 +1111,13 @@ def _replay_summary(raw: dict[str, list[Any]], k: int, compile_s: dict[str, floa
     floor = [median(times) for times in raw["floor"]]
     rows: dict[str, dict[str, Any]] = {}
     replay_k = raw["replay K"]
-    # What K more checkpoints cost one replay() call, everything included (reading, the
-    # programs, writing results); the setup (model, data, compilation) cancels out.
+    # The steady cost per checkpoint of replay 2K, from its groups other than the first and
+    # last (_steady_seconds); with fewer than three groups, what K more checkpoints cost one
+    # call, (wall of 2K - wall of K) / K, in which the setup cancels out but its noise does
+    # not (on tiny settings it can come out negative).
     steady = [
-        (r2["wall"] - r1["wall"]) / k for r1, r2 in zip(replay_k, raw["replay 2K"], strict=True)
+        _steady_seconds(r2) or (r2["wall"] - r1["wall"]) / k
+        for r1, r2 in zip(replay_k, raw["replay 2K"], strict=True)
     ]
     rows["replay"] = {
         "steady_per_rep": steady,

@@ -22,8 +22,9 @@ run() {  # name, then the bench arguments
   local rc=${PIPESTATUS[0]}
   [[ $rc -eq 0 ]] || { echo "== $name failed ($rc)"; status=1; }
 }
-run mlp replay --workload mlp --examples "$mlp" --k 6 --reps "$reps" --skip naive
-run cnn replay --workload cnn --examples "$cnn" --k 4 --reps "$reps" --skip naive
+# K = 12: replay 2K makes three groups of 8, whose middle one gives the steady cost.
+run mlp replay --workload mlp --examples "$mlp" --k 12 --reps "$reps" --skip naive
+run cnn replay --workload cnn --examples "$cnn" --k 12 --reps "$reps" --skip naive
 run callback callback --examples "$cb" --epochs 4 --reps "$reps" \
   --variant ReplayCheckpoint --variant ModelCheckpoint
 exit $status

@@ -330,6 +330,7 @@ class Evaluator:
         self._per_example_names: list[str] = []
         # The metrics' result() as a compiled host program; False: computed eagerly.
         self._results_program: Callable | bool | None = None
+        self._result_names: list[str] = []
 
     # --- public
 
@@ -470,8 +471,8 @@ class Evaluator:
         on_batch: Callable[..., None] | None = None,
     ) -> list[dict[str, tuple[dict[str, float], int]]]:
         """``evaluate_splits`` for the first ``count`` checkpoints of ``stage_stack``'s
-        weights: one program call per split and batch shape for all of them, every output
-        read back in one transfer.
+        weights: one program call per split and batch shape for all of them, the outputs of
+        array data read back in one transfer.
 
         Returns:
             Per checkpoint, ``{split: (figures, count)}`` as ``evaluate_splits`` gives it.
@@ -502,9 +503,7 @@ class Evaluator:
             EvaluationError: the device failed running the programs.
         """
         splits, count = stacked.splits, stacked.count
-        fetched = self._fetch(
-            {name: p for name, (p, _) in stacked.pending.items() if p is not None}, splits
-        )
+        fetched = self._fetch({n: p for n, (p, _) in stacked.pending.items() if p is not None})
         per_split = {
             name: [self._reduce(streamed[c], splits[name]) for c in range(count)]
             if streamed is not None  # evaluated one checkpoint at a time
@@ -877,11 +876,11 @@ class Evaluator:
 
         Reading back only now lets the device run ahead of the host.
         """
-        fetched = self._fetch({split.name: pending}, {})[split.name]
+        fetched = self._fetch({split.name: pending})[split.name]
         one = [(n, map_structure(lambda a: np.expand_dims(a, 0), out)) for n, out in fetched]
         return self._figures_stacked(one, split, 1)[0]
 
-    def _fetch(self, pending: Mapping[str, list[tuple[int, Any]]], splits) -> dict[str, list]:
+    def _fetch(self, pending: Mapping[str, list[tuple[int, Any]]]) -> dict[str, list]:
         """Every split's outputs as numpy, ``{split: [(examples per batch, outputs)]}``, in
         one transfer (one wait for the device)."""
         names = list(pending)
@@ -963,15 +962,25 @@ class Evaluator:
                 total.astype(v.dtype) for v, total in zip(self._state, state_sums, strict=True)
             ]
             if self._results_program is None:
-                self._results_program = self.backend.compile_step(self._results, jit=False)
+                self._results_program = self.backend.compile_step(self._result_list, jit=False)
             if self._results_program is not False:
                 try:
                     results = self.backend.to_host(self._results_program(values))
                 except Exception:  # noqa: BLE001 - a result() that cannot be traced
                     self._results_program = False
-                else:
-                    return {name: float(np.asarray(v)) for name, v in results.items()}
+                else:  # a list, in the order result() gave the names when traced
+                    return {
+                        name: float(np.asarray(v))
+                        for name, v in zip(self._result_names, results, strict=True)
+                    }
             return {name: float(np.asarray(v)) for name, v in self._results(values).items()}
+
+    def _result_list(self, values: Sequence[Any]) -> list[Any]:
+        """``_results`` as a list (a compiled program would sort a dict's keys), the names
+        kept in ``_result_names``."""
+        results = self._results(values)
+        self._result_names = list(results)
+        return list(results.values())
 
     def _results(self, values: Sequence[Any]) -> dict[str, Any]:
         """Every tracked metric's ``result()`` with its state variables at ``values``."""

@@ -592,8 +592,12 @@ def _evaluate_all(
             failures[checkpoint.name] = str(error)
         progress.checkpoint_failed(checkpoint.name, str(error))
 
+    stopping = threading.Event()  # set on Ctrl-C: a group already read is not started
+
     def context(evaluator):
-        return _Context(evaluator, splits, batch, fingerprints, progress, done, failed)
+        ctx = _Context(evaluator, splits, batch, fingerprints, progress, done, failed)
+        ctx.stopping = stopping
+        return ctx
 
     def worker(device: str) -> None:
         replica = replicas.get(device)
@@ -634,6 +638,7 @@ def _evaluate_all(
             t.join()
     except KeyboardInterrupt:
         # Nothing new is taken; what each worker is evaluating finishes and is written.
+        stopping.set()
         while _take(work) is not None:
             pass
         for t in threads:
@@ -662,6 +667,7 @@ class _Context:
         self.progress = progress
         self.done = done
         self.failed = failed
+        self.stopping = threading.Event()
 
     def evaluate(self, evaluate: Callable[[int], Any]) -> Any:
         """``evaluate(batch size)``; when the device runs out of memory on array data, again
@@ -763,6 +769,10 @@ def _stacked_loop(ctx: _Context, work: queue.Queue, size: int) -> None:
     thread), starts it, and only then waits for the group before and turns its outputs into
     figures; results are written on a writer thread. A group's figures are each checkpoint's
     own, as one at a time; a result's ``seconds`` is its group's share of the wall time.
+
+    After Ctrl-C (``ctx.stopping``) a group already read is not started; the groups running
+    finish and are written. An error that stops the loop still writes the group whose
+    figures the device had computed.
     """
     evaluator = ctx.evaluator
 
@@ -774,9 +784,7 @@ def _stacked_loop(ctx: _Context, work: queue.Queue, size: int) -> None:
                 buffers = evaluator.host_stack(size)
             try:
                 evaluator.fill(buffers, len(members), checkpoint.path)
-            except DataError:
-                raise
-            except TruelossReplayError as e:
+            except TruelossReplayError as e:  # a damaged or foreign checkpoint: that one
                 ctx.failed(checkpoint, e)
                 continue
             members.append(checkpoint)
@@ -787,42 +795,47 @@ def _stacked_loop(ctx: _Context, work: queue.Queue, size: int) -> None:
         ThreadPoolExecutor(max_workers=1) as writer,
     ):
         written: list = []
+        last_done = time.perf_counter()
+
+        def settle(group: _Group) -> None:
+            """The group's figures read back (or it evaluated again) and its results queued
+            for writing."""
+            nonlocal last_done
+            outcome = _finish(ctx, group)
+            now = time.perf_counter()
+            if outcome is not None:
+                seconds = (now - last_done) / len(group.members)
+                for checkpoint, figures in zip(group.members, outcome, strict=True):
+                    result = ctx.result(
+                        checkpoint,
+                        {name: f for name, (f, _) in figures.items()},
+                        {name: n for name, (_, n) in figures.items()},
+                        seconds,
+                        stacked=len(group.members),
+                        batch=group.batch,
+                    )
+                    written.append(writer.submit(ctx.done, checkpoint, result))
+            last_done = now
+
         upcoming = reader.submit(gather)
         previous: _Group | None = None
-        last_done = time.perf_counter()
         while True:
-            members, buffers = upcoming.result()
             current = None
-            if members:
-                # Read the next group while this one evaluates: at most two groups' weights
-                # in host memory per device.
-                upcoming = reader.submit(gather)
-                current = _Group(members, buffers, ctx.batch)
-                try:
-                    params = evaluator.stage_stack(buffers, len(members))
-                    current.started = evaluator.dispatch_stacked(
-                        ctx.splits, ctx.batch, params, len(members), ctx.progress.advance
-                    )
-                except DataError:
-                    raise
-                except TruelossReplayError:
-                    current.started = None  # evaluated again when its turn comes
+            try:
+                members, buffers = upcoming.result()
+                if members and not ctx.stopping.is_set():
+                    # Read the next group while this one evaluates: at most three groups'
+                    # weights in host memory per device (the one read back, kept to evaluate
+                    # again should it fail; the one running; the one being read).
+                    upcoming = reader.submit(gather)
+                    current = _Group(members, buffers, ctx.batch)
+                    _start(ctx, current)
+            except BaseException:
+                if previous is not None:
+                    settle(previous)  # what the device computed is still written
+                raise
             if previous is not None:
-                outcome = _finish(ctx, previous)
-                now = time.perf_counter()
-                if outcome is not None:
-                    seconds = (now - last_done) / len(previous.members)
-                    for checkpoint, figures in zip(previous.members, outcome, strict=True):
-                        result = ctx.result(
-                            checkpoint,
-                            {name: f for name, (f, _) in figures.items()},
-                            {name: n for name, (_, n) in figures.items()},
-                            seconds,
-                            stacked=len(previous.members),
-                            batch=previous.batch,
-                        )
-                        written.append(writer.submit(ctx.done, checkpoint, result))
-                last_done = now
+                settle(previous)
             if current is None:
                 break
             previous = current
@@ -833,41 +846,60 @@ def _stacked_loop(ctx: _Context, work: queue.Queue, size: int) -> None:
 @dataclasses.dataclass
 class _Group:
     """Checkpoints evaluated by one program call: their stacked host weights, the batch
-    size they were started at, and what ``dispatch_stacked`` started (None: it failed)."""
+    size they were started at, what ``dispatch_stacked`` started (None: it did not start)
+    and the error that kept it from starting."""
 
     members: list
     buffers: list[np.ndarray]
     batch: int
     started: Any = None
+    error: TruelossReplayError | None = None
+
+
+def _start(ctx: _Context, group: _Group) -> None:
+    """The group's weights onto the device and its programs started."""
+    evaluator = ctx.evaluator
+    try:
+        params = evaluator.stage_stack(group.buffers, len(group.members))
+        group.started = evaluator.dispatch_stacked(
+            ctx.splits, group.batch, params, len(group.members), ctx.progress.advance
+        )
+    except DataError:
+        raise
+    except TruelossReplayError as e:
+        group.error = e  # dealt with when the group's turn comes (``_finish``)
 
 
 def _finish(ctx: _Context, group: _Group) -> list | None:
-    """A started group's figures, per checkpoint. If it failed (or failed to start), it is
-    evaluated again: as a group at half the batch size when the device ran out of memory,
-    and one checkpoint at a time when one checkpoint's weights are at fault (a numeric
-    check), so each gets its own result or error; then None (those were reported)."""
+    """A started group's figures, per checkpoint. If it failed: when the device ran out of
+    memory, the group again at half the batch size (``ctx.evaluate``); otherwise, or if that
+    fails too, one checkpoint at a time, so that an error (a numeric check tripped by one
+    checkpoint's weights) stays with its checkpoint; then None (those were reported)."""
     evaluator = ctx.evaluator
+    error = group.error
     if group.started is not None:
         try:
             return evaluator.collect(group.started)
         except DataError:
             raise
+        except TruelossReplayError as e:
+            error = e
+    if isinstance(error, EvaluationError) and error.out_of_memory:
+        try:
+            params = evaluator.stage_stack(group.buffers, len(group.members))
+            outcome = ctx.evaluate(
+                functools.partial(
+                    _evaluate_stacked, evaluator, ctx, params=params, count=len(group.members)
+                )
+            )
+            group.batch = ctx.batch  # as halved
+            return outcome
+        except DataError:
+            raise
         except TruelossReplayError:
             pass
-    try:
-        params = evaluator.stage_stack(group.buffers, len(group.members))
-        outcome = ctx.evaluate(
-            functools.partial(
-                _evaluate_stacked, evaluator, ctx, params=params, count=len(group.members)
-            )
-        )
-        group.batch = ctx.batch  # halved if the device ran out of memory
-        return outcome
-    except DataError:
-        raise
-    except TruelossReplayError:
-        _one_by_one(ctx, group.members, group.buffers)
-        return None
+    _one_by_one(ctx, group.members, group.buffers)
+    return None
 
 
 def _evaluate_stacked(evaluator, ctx: _Context, batch: int, *, params, count: int):

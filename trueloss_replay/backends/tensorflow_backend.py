@@ -133,18 +133,41 @@ def compile_stacked(
     def program(params, data):
         if on_trace is not None:
             on_trace()
+        first = tf.nest.map_structure(lambda t: t[0], params)
+        if loop:
+            # The model is traced once for the output signature of a batch, and once inside
+            # the loops (not once per nested map_fn and signature: tracing is most of the
+            # time this program takes to build).
+            batch = tuple(
+                None if item is None else tf.nest.map_structure(lambda t: t[0], item)
+                for item in data
+            )
+            per_batch = _spec(body(first, batch))
+            batches = int(tf.nest.flatten([item for item in data if item is not None])[0].shape[0])
 
-        def one(p):
-            return _over_batches(body, p, data) if loop else body(p, data)
+            def one(p):
+                return _over_batches(body, p, data, per_batch)
 
-        return _map(one, params)
+            spec = tf.nest.map_structure(
+                lambda s: tf.TensorSpec([batches, *s.shape], s.dtype), per_batch
+            )
+        else:
+            spec = _spec(body(first, data))
+
+            def one(p):
+                return body(p, data)
+
+        # One checkpoint at a time, also without XLA (map_fn runs up to 10 by default).
+        return tf.map_fn(one, params, fn_output_signature=spec, parallel_iterations=1)
 
     return tf.function(program, jit_compile=jit, reduce_retracing=False, autograph=False)
 
 
-def _over_batches(body: Callable, params: Any, stacked: tuple) -> Any:
+def _over_batches(body: Callable, params: Any, stacked: tuple, spec: Any = None) -> Any:
     """``body(params, batch)`` for each leading-axis slice of ``stacked`` (None items stay
-    None), outputs stacked."""
+    None), outputs stacked; ``spec``: the output signature of one batch, when known."""
+    import tensorflow as tf
+
     present = [i for i, item in enumerate(stacked) if item is not None]
 
     def one(elems):
@@ -153,16 +176,17 @@ def _over_batches(body: Callable, params: Any, stacked: tuple) -> Any:
             batch[i] = item
         return body(params, tuple(batch))
 
-    return _map(one, tuple(stacked[i] for i in present))
+    elems = tuple(stacked[i] for i in present)
+    if spec is None:
+        spec = _spec(one(tf.nest.map_structure(lambda t: t[0], elems)))
+    return tf.map_fn(one, elems, fn_output_signature=spec)
 
 
-def _map(fn: Callable, elems: Any) -> Any:
-    """``tf.map_fn`` with the output signature taken from one traced call."""
+def _spec(outputs: Any) -> Any:
+    """The ``tf.TensorSpec`` structure of traced outputs."""
     import tensorflow as tf
 
-    first = tf.nest.map_structure(lambda t: t[0], elems)
-    signature = tf.nest.map_structure(tf.TensorSpec.from_tensor, fn(first))
-    return tf.map_fn(fn, elems, fn_output_signature=signature)
+    return tf.nest.map_structure(tf.TensorSpec.from_tensor, outputs)
 
 
 def is_runtime_error(error: BaseException) -> bool:
