@@ -757,13 +757,13 @@ def _load_keras_model(run_dir: Path, compile: bool = True):
         return keras.saving.load_model(run_dir / runfmt.MODEL_FILE, compile=compile)
 
 
-def _naive_loop(run_dir: Path, train, val) -> list[float]:
-    """What one writes by hand: per checkpoint, load the model, load the weights, evaluate
-    both sets at Keras' default batch size (32). Seconds per checkpoint."""
+def _naive_loop(run_dir: Path, train, val, k: int) -> list[float]:
+    """What one writes by hand: per checkpoint (the first ``k``), load the model, load the
+    weights, evaluate both sets at Keras' default batch size (32). Seconds per checkpoint."""
     from trueloss_replay import run as runfmt
 
     times = []
-    for checkpoint in runfmt.Run(run_dir).checkpoints():
+    for checkpoint in runfmt.Run(run_dir).checkpoints()[:k]:
         start = time.perf_counter()
         model = _load_keras_model(run_dir)
         runfmt.load_weights(model, checkpoint.path)
@@ -773,15 +773,16 @@ def _naive_loop(run_dir: Path, train, val) -> list[float]:
     return times
 
 
-def _reused_model(run_dir: Path, train, val, batch_size: int) -> list[float]:
-    """One model loaded once; per checkpoint, load the weights and ``evaluate`` at a large
-    batch. Seconds per checkpoint; the first includes the model load and the tracing."""
+def _reused_model(run_dir: Path, train, val, batch_size: int, k: int) -> list[float]:
+    """One model loaded once; per checkpoint (the first ``k``), load the weights and
+    ``evaluate`` at a large batch. Seconds per checkpoint; the first includes the model load
+    and the tracing."""
     from trueloss_replay import run as runfmt
 
     start = time.perf_counter()
     model = _load_keras_model(run_dir)
     times = []
-    for checkpoint in runfmt.Run(run_dir).checkpoints():
+    for checkpoint in runfmt.Run(run_dir).checkpoints()[:k]:
         runfmt.load_weights(model, checkpoint.path)
         model.evaluate(*train, batch_size=batch_size, verbose=0)
         model.evaluate(*val, batch_size=batch_size, verbose=0)
@@ -1036,8 +1037,8 @@ def replay_command(k, reps, workload, examples, batch_size, skip, profile, json_
             "replay K": lambda: _timed_replay(run_dir, f"0-{k - 1}", batch_size),
             "replay 2K": lambda: _timed_replay(run_dir, None, batch_size),
             "replay 1": lambda: _timed_replay(run_dir, "0", batch_size),
-            "reused": lambda: _reused_model(run_dir, train, val, batch_size),
-            "naive": lambda: _naive_loop(run_dir, train, val),
+            "reused": lambda: _reused_model(run_dir, train, val, batch_size, k),
+            "naive": lambda: _naive_loop(run_dir, train, val, k),
             **{
                 name: lambda floor=floor: [floor.run() for _ in range(k)]
                 for name, floor in floors.items()
