@@ -725,6 +725,21 @@ def _timed_replay(run_dir: Path, epochs: str | None, batch_size: int) -> dict[st
     }
 
 
+def _results_steady(results: list[dict[str, Any]]) -> float:
+    """``_steady_seconds`` of a replay's results; with fewer than three groups, the median
+    after the first group, or of all of them when there is one group."""
+    results = sorted(results, key=lambda r: r["evaluated"])
+    run = {
+        "checkpoint_seconds": [r["seconds"] for r in results],
+        "stacked": [int(r.get("stacked") or 1) for r in results],
+    }
+    steady = _steady_seconds(run)
+    if steady is not None:
+        return steady
+    first = max(1, run["stacked"][0])
+    return median(run["checkpoint_seconds"][first:] or run["checkpoint_seconds"])
+
+
 def _steady_seconds(run: dict[str, Any]) -> float | None:
     """The median seconds per checkpoint of a replay's groups other than its first and last.
 
@@ -1262,7 +1277,7 @@ def _print_replay(summary, info, config, profile) -> None:
         [
             f"checkpoints' weights in host memory at once, replay of {k}",
             str(memory["replay K"]["checkpoints_alive_peak"]),
-            "<= 2 groups of <= 8",
+            "<= 3 groups of <= 8",
         ],
         ["process peak RSS (ru_maxrss, whole run), MiB", f"{info['ru_maxrss_mib']:.0f}", ""],
     ]
@@ -1404,8 +1419,9 @@ def sample_command(k, reps, examples, sample, json_path):
     info = machine_info()
     (x, y), (xv, yv) = reference_data(examples, max(examples // 4, 1))
     seconds: dict[str, list[float]] = {"full": [], "sampled": []}
-    # Per checkpoint, as each result records it (weights in, every split evaluated, figures
-    # out), after the first of each replay: the cost without the per-call setup.
+    # Per checkpoint, each result's share of the wall time, from the groups of checkpoints
+    # other than the first (which holds the compilation) and the last (_steady_seconds); with
+    # fewer than three groups, after the first group; with one group, all of them.
     steady: dict[str, list[float]] = {"full": [], "sampled": []}
     with tempfile.TemporaryDirectory(prefix="bench-sample-") as tmp:
         run_dir = Path(tmp) / "run"
@@ -1422,7 +1438,7 @@ def sample_command(k, reps, examples, sample, json_path):
                     run_dir, force=True, output=outputs[mode], progress=False, **options[mode]
                 ).history
                 seconds[mode].append(time.perf_counter() - started)
-                steady[mode] += [r["seconds"] for r in list_results(outputs[mode])[1:]]
+                steady[mode].append(_results_steady(list_results(outputs[mode])))
                 _log(f"rep {rep + 1}/{reps} {mode:<8} {seconds[mode][-1]:.2f}s")
     info["loadavg_end"] = os.getloadavg()
     full, sampled = histories["full"], histories["sampled"]
