@@ -595,9 +595,7 @@ def _evaluate_all(
     stopping = threading.Event()  # set on Ctrl-C: a group already read is not started
 
     def context(evaluator):
-        ctx = _Context(evaluator, splits, batch, fingerprints, progress, done, failed)
-        ctx.stopping = stopping
-        return ctx
+        return _Context(evaluator, splits, batch, fingerprints, progress, done, failed, stopping)
 
     def worker(device: str) -> None:
         replica = replicas.get(device)
@@ -659,7 +657,7 @@ class _Replica:
 class _Context:
     """What a device's worker needs to evaluate checkpoints and report each one."""
 
-    def __init__(self, evaluator, splits, batch, fingerprints, progress, done, failed):
+    def __init__(self, evaluator, splits, batch, fingerprints, progress, done, failed, stopping):
         self.evaluator = evaluator
         self.splits = splits
         self.batch = batch
@@ -667,7 +665,7 @@ class _Context:
         self.progress = progress
         self.done = done
         self.failed = failed
-        self.stopping = threading.Event()
+        self.stopping = stopping  # a threading.Event, set on Ctrl-C
 
     def evaluate(self, evaluate: Callable[[int], Any]) -> Any:
         """``evaluate(batch size)``; when the device runs out of memory on array data, again
@@ -691,20 +689,20 @@ class _Context:
     def result(
         self,
         checkpoint,
-        figures,
-        examples,
+        outcome: Mapping[str, tuple[dict[str, float], int]],
         seconds: float,
         stacked: int = 1,
         batch: int | None = None,
     ) -> dict[str, Any]:
-        """The result of a checkpoint evaluated at array batches of ``batch`` (default the
-        current size), with ``stacked`` checkpoints per program call."""
+        """The result of a checkpoint from its ``{split: (figures, examples)}``, evaluated at
+        array batches of ``batch`` (default the current size), with ``stacked`` checkpoints
+        per program call."""
         batch = self.batch if batch is None else batch
         return runfmt.make_result(
             checkpoint,
-            train=figures["train"],
-            val=figures.get("val"),
-            examples=examples,
+            train=outcome["train"][0],
+            val=outcome["val"][0] if "val" in outcome else None,
+            examples={name: count for name, (_, count) in outcome.items()},
             data=self.fingerprints,
             # Array data is cut at this size; datasets keep their own batches.
             batch_size={
@@ -748,9 +746,7 @@ def _checkpoint_major_loop(ctx: _Context, work: queue.Queue) -> None:
                 outcome = ctx.evaluate(
                     lambda batch: evaluator.evaluate_splits(ctx.splits, batch, ctx.progress.advance)
                 )
-                figures = {name: figures for name, (figures, _) in outcome.items()}
-                examples = {name: count for name, (_, count) in outcome.items()}
-                result = ctx.result(checkpoint, figures, examples, time.perf_counter() - started)
+                result = ctx.result(checkpoint, outcome, time.perf_counter() - started)
             except DataError:  # the data, not this checkpoint: stop
                 raise
             except TruelossReplayError as e:
@@ -808,8 +804,7 @@ def _stacked_loop(ctx: _Context, work: queue.Queue, size: int) -> None:
                 for checkpoint, figures in zip(group.members, outcome, strict=True):
                     result = ctx.result(
                         checkpoint,
-                        {name: f for name, (f, _) in figures.items()},
-                        {name: n for name, (_, n) in figures.items()},
+                        figures,  # {split: (figures, examples)} of this checkpoint
                         seconds,
                         stacked=len(group.members),
                         batch=group.batch,
@@ -921,11 +916,7 @@ def _one_by_one(ctx: _Context, members: list, buffers: Sequence[np.ndarray]) -> 
         except TruelossReplayError as e:
             ctx.failed(checkpoint, e)
             continue
-        figures = {name: f for name, (f, _) in outcome.items()}
-        examples = {name: n for name, (_, n) in outcome.items()}
-        ctx.done(
-            checkpoint, ctx.result(checkpoint, figures, examples, time.perf_counter() - started)
-        )
+        ctx.done(checkpoint, ctx.result(checkpoint, outcome, time.perf_counter() - started))
 
 
 def _data_major_loop(ctx: _Context, work: queue.Queue, group: int) -> None:
@@ -966,9 +957,8 @@ def _data_major_loop(ctx: _Context, work: queue.Queue, group: int) -> None:
             continue
         seconds = (time.perf_counter() - started) / len(staged)
         for i, (checkpoint, _) in enumerate(staged):
-            figures = {name: outcome[i][0] for name, outcome in per_split.items()}
-            examples = {name: outcome[i][1] for name, outcome in per_split.items()}
-            ctx.done(checkpoint, ctx.result(checkpoint, figures, examples, seconds))
+            outcome = {name: outcomes[i] for name, outcomes in per_split.items()}
+            ctx.done(checkpoint, ctx.result(checkpoint, outcome, seconds))
 
 
 def _group_size(model, data_major: bool, share: int) -> int:
