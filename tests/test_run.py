@@ -15,6 +15,7 @@ from trueloss_replay.errors import CheckpointMismatchError, RunFormatError
 from trueloss_replay.run import (
     EpochSet,
     _read_exact,
+    as_recorded,
     atomic_write_json,
     check_signature,
     read_checkpoint,
@@ -361,6 +362,47 @@ def test_the_fast_read_gives_what_the_checked_read_gives(trained_run, tmp_path):
     assert _read_exact(path, swapped) is None
 
 
+def test_as_recorded_names_the_model_variables_as_the_run_recorded_them(trained_run):
+    """A model loaded from model.keras names its variables without the Sequential's name;
+    against the recorded names, a checkpoint matches by name, in the recorded order."""
+    recorded = read_manifest(trained_run.path)["variables"]
+    path = trained_run.path / "checkpoints" / "e0002.h5"
+    loaded = [[key.split("/", 1)[1], *rest] for key, *rest in recorded]
+
+    assert as_recorded(loaded, path) == [list(entry) for entry in recorded]
+    fast = _read_exact(path, as_recorded(loaded, path))
+    assert fast is not None and list(fast) == [key for key, *_ in recorded]
+    # Anything that does not pair up position by position stays as the model names it.
+    swapped = [loaded[1], loaded[0], *loaded[2:]]
+    assert as_recorded(swapped, path) == swapped
+    wider = [[loaded[0][0], loaded[0][1], "float64"], *loaded[1:]]
+    assert as_recorded(wider, path) == wider
+    assert as_recorded(loaded[:-1], path) == loaded[:-1]
+    outside = Path("elsewhere") / "e0002.h5"  # no run folder: nothing recorded
+    assert as_recorded(loaded, outside) == loaded
+
+
+def test_a_truncated_checkpoint_is_not_read_past_its_end(checkpoint, run_copy, tmp_path):
+    """The fast read copies a variable's bytes from its offset; a file cut short of them is
+    left to the checked read, which says it is damaged."""
+    signature = read_manifest(run_copy)["variables"]
+    key, _ = first_variable(checkpoint)
+    with h5py.File(checkpoint, "r") as f:
+        end = f["weights"][key].id.get_offset() + f["weights"][key].id.get_storage_size()
+    assert end < checkpoint.stat().st_size - 8  # variable 0 is not the file's last bytes
+    with h5py.File(checkpoint, "r") as f:
+        last = max(
+            (f["weights"][k].id.get_offset() + f["weights"][k].id.get_storage_size(), k)
+            for k in (name for name, *_ in signature)
+        )
+    with open(checkpoint, "r+b") as f:
+        f.truncate(last[0] - 4)  # the last variable loses its last 4 bytes
+
+    assert _read_exact(checkpoint, signature) is None
+    with pytest.raises(RunFormatError, match="e0002.h5"):
+        read_weights(checkpoint)
+
+
 def _gzip(path: Path) -> None:
     """Variable 0 compressed: zeros, so it stores far fewer bytes than it declares."""
     key, _ = first_variable(path)
@@ -405,6 +447,9 @@ def _float_index(path: Path) -> None:
 )
 def test_anything_but_the_exact_layout_takes_the_checked_read(checkpoint, run_copy, change):
     signature = read_manifest(run_copy)["variables"]
+    if change is _float_index:
+        # Only matching by position reads the index attributes; by name they do not count.
+        signature = [[f"outer_2/{key}", *rest] for key, *rest in signature]
     key, _ = first_variable(checkpoint)
     original = read_weights(checkpoint)[key]
     change(checkpoint)

@@ -324,6 +324,7 @@ class Evaluator:
         self._state: list[Any] = []
         self._params: Params | None = None
         self._signature: list[list[Any]] | None = None
+        self._file_signatures: dict[Path, list[list[Any]]] = {}
         self._programs: dict[str, Callable] = {}
         self._resident: dict[str, _Resident | None] = {}
         self._xla = jit_compile is not False
@@ -446,8 +447,22 @@ class Evaluator:
             RunFormatError: the file is damaged.
             CheckpointMismatchError: the weights do not fit the model.
         """
+        runfmt.read_weights_into(path, self.file_signature(path), self.slot_views(buffers, slot))
+
+    def slot_views(self, buffers: Sequence[np.ndarray], slot: int) -> list[np.ndarray]:
+        """Slot ``slot`` of ``host_stack``'s buffers, one array per variable in
+        ``model.weights`` order (the signature's)."""
         by_id = {id(v): b[slot, ...] for v, b in zip(self._ordered(), buffers, strict=True)}
-        runfmt.read_weights_into(path, self.signature, [by_id[id(v)] for v in self.model.weights])
+        return [by_id[id(v)] for v in self.model.weights]
+
+    def file_signature(self, path: Path) -> list[list[Any]]:
+        """The model's signature, its variables named as the run holding checkpoint ``path``
+        recorded them where they pair up (``run.as_recorded``): its checkpoints then match
+        by name, the fast read's quickest case. Worked out once per run folder."""
+        folder = Path(path).parent
+        if folder not in self._file_signatures:
+            self._file_signatures[folder] = runfmt.as_recorded(self.signature, path)
+        return self._file_signatures[folder]
 
     def stage_stack(self, buffers: Sequence[np.ndarray], count: int) -> Params:
         """The first ``count`` slots of ``host_stack``'s buffers on this device, stacked; the

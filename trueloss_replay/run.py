@@ -561,6 +561,10 @@ def _read_exact(
 
 
 def _read_exact_open(fid, wanted, into) -> dict[str, np.ndarray] | None:
+    # Offsets count from the start of the file only without a user block; the callback
+    # never writes one.
+    if fid.get_create_plist().get_userblock() != 0:
+        return None
     group = h5py.h5o.open(fid, b"weights")
     if not isinstance(group, h5py.h5g.GroupID):
         return None
@@ -571,51 +575,71 @@ def _read_exact_open(fid, wanted, into) -> dict[str, np.ndarray] | None:
             names.append(name)
 
     h5py.h5o.visit(group, visit, info=True)
-    found = []
-    for position, name in enumerate(names):
-        dataset = h5py.h5d.open(group, name)
-        index = position
-        if h5py.h5a.exists(dataset, b"index"):
-            attribute = h5py.h5a.open(dataset, b"index")
-            if attribute.dtype.kind not in "iu" or attribute.shape not in ((), (1,)):
-                return None
-            value = np.zeros(attribute.shape, attribute.dtype)
-            attribute.read(value)
-            index = int(value.reshape(-1)[0])
-        found.append((index, name.decode(), dataset))
-    found.sort(key=lambda t: t[0])
-    by_key = {key: dataset for _, key, dataset in found}
-    file_keys = list(by_key)
     keys = [key for key, _, _ in wanted]
-    if set(keys) != set(file_keys):
+    by_key = {name.decode(): h5py.h5d.open(group, name) for name in names}
+    if set(keys) != set(by_key):
+        # Matched by position, as check_signature does, in the order of the ``index``
+        # attributes (integers, one value each).
+        found = []
+        for position, (key, dataset) in enumerate(by_key.items()):
+            found.append((_index_attribute(dataset, position), key, dataset))
+        if any(index is None for index, _, _ in found):
+            return None
+        found.sort(key=lambda t: t[0])
+        by_key = {key: dataset for _, key, dataset in found}
+        file_keys = list(by_key)
         if len(keys) != len(file_keys) or not all(
             same_structure(a, b) for a, b in zip(keys, file_keys, strict=True)
         ):
             return None
-        keys = file_keys  # matched by position, as check_signature does
+        keys = file_keys
+    else:
+        # By name: in the signature's order, which for the names a run recorded is the
+        # order its checkpoints were written in.
+        by_key = {key: by_key[key] for key in keys}
+    file_keys = list(by_key)
+    handle = fid.get_vfd_handle()
+    size = os.fstat(handle).st_size
     # Every dataset is checked before any value is read.
     plan = []
     for i, (key, (_, shape, dtype)) in enumerate(zip(keys, wanted, strict=True)):
         dataset = by_key[key]
         if dataset.shape != shape or dataset.dtype != dtype:
             return None
-        # Contiguous in this file: no filter to expand, no external file to fetch.
-        if dataset.get_offset() is None:
-            return None
-        if dataset.get_storage_size() < math.prod(shape) * dtype.itemsize:
+        # Contiguous in this file: no filter to expand, no external file to fetch; then
+        # its bytes are the array's, at that offset.
+        offset = dataset.get_offset()
+        nbytes = math.prod(shape) * dtype.itemsize
+        if offset is None or dataset.get_storage_size() < nbytes or offset + nbytes > size:
             return None
         target = None if into is None else into[i]
         if target is not None and (target.shape != shape or not target.flags.c_contiguous):
             return None
-        plan.append((key, dataset, shape, dtype, target))
+        plan.append((key, offset, nbytes, shape, dtype, target))
     arrays = {}
-    for key, dataset, shape, dtype, target in plan:
+    for key, offset, nbytes, shape, dtype, target in plan:
         array = np.empty(shape, dtype) if target is None else target
-        if array.size:
-            dataset.read(h5py.h5s.ALL, h5py.h5s.ALL, array)
+        # ``preadv`` lets go of the GIL while it copies (h5py's read does not).
+        if nbytes and os.preadv(handle, [memoryview(array).cast("B")], offset) != nbytes:
+            return None
         # A scalar variable reads as a numpy scalar, as the checked path's ``obj[()]``.
         arrays[key] = array[()] if array.ndim == 0 and target is None else array
     return {key: arrays[key] for key in file_keys}
+
+
+def _index_attribute(dataset, default: int) -> int | None:
+    """A dataset's integer ``index`` attribute (``default`` without one); None when it is
+    not one integer."""
+    if not h5py.h5a.exists(dataset, b"index"):
+        return default
+    attribute = h5py.h5a.open(dataset, b"index")
+    if attribute.get_type().get_class() != h5py.h5t.INTEGER:
+        return None
+    if attribute.get_space().get_simple_extent_npoints() != 1:
+        return None
+    value = np.zeros((), np.int64)
+    attribute.read(value)
+    return int(value)
 
 
 #: What to do about a damaged checkpoint, in every message that says one is.
@@ -667,6 +691,38 @@ def _check_expansion(datasets: Mapping[str, h5py.Dataset], source: str) -> None:
         hint="Delete it, or if it is genuine, read it against the model: "
         "read_weights(path, model_signature(model)).",
     )
+
+
+def as_recorded(signature: Sequence[Sequence[Any]], path: str | os.PathLike) -> list[list[Any]]:
+    """``signature`` with its variables named as the run that holds checkpoint ``path``
+    recorded them (its manifest's ``variables``), where the two pair up by position (paths
+    that differ only in Keras' per-process names, as ``check_signature`` pairs them, of the
+    same shapes and dtypes); otherwise ``signature`` itself.
+
+    A model loaded for replay names its variables ``dense/kernel`` where the training
+    process wrote ``sequential/dense/kernel``: against the recorded names, a checkpoint's
+    variables match by name, and reading it needs none of its ``index`` attributes.
+    """
+    recorded = _recorded_signature(Path(path))
+    wanted = [list(entry) for entry in signature]
+    if not isinstance(recorded, list) or len(recorded) != len(wanted):
+        return wanted
+    renamed = []
+    for (key, shape, *rest), entry in zip(wanted, recorded, strict=True):
+        if not (isinstance(entry, list | tuple) and len(entry) == 2 + len(rest)):
+            return wanted
+        other_key, other_shape, *other_rest = entry
+        if not (
+            isinstance(other_key, str)
+            and same_structure(str(key), other_key)
+            and list(other_shape) == list(shape)
+            and [str(r) for r in other_rest] == [str(r) for r in rest]
+        ):
+            return wanted
+        renamed.append([other_key, shape, *rest])
+    if len({key for key, *_ in renamed}) != len(renamed):
+        return wanted
+    return renamed
 
 
 def _recorded_signature(path: Path) -> list[Any] | None:
