@@ -11,9 +11,11 @@ interrupted replay resumes where it stopped. The figures themselves come from ``
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import queue
@@ -43,6 +45,7 @@ from trueloss_replay.errors import (
     TruelossReplayError,
 )
 from trueloss_replay.progress import ProgressHooks, progress_display
+from trueloss_replay.reading import Readers, reader_count
 from trueloss_replay.sampling import sample_split
 
 # Data-major mode stages up to this many bytes of weights (several checkpoints) on a device,
@@ -593,9 +596,13 @@ def _evaluate_all(
         progress.checkpoint_failed(checkpoint.name, str(error))
 
     stopping = threading.Event()  # set on Ctrl-C: a group already read is not started
+    # Reader processes, for the stacked loop; started now, they are ready when it is.
+    readers = Readers(reader_count() if len(todo) > 1 and not data_major else 0)
 
     def context(evaluator):
-        return _Context(evaluator, splits, batch, fingerprints, progress, done, failed, stopping)
+        return _Context(
+            evaluator, splits, batch, fingerprints, progress, done, failed, stopping, readers
+        )
 
     def worker(device: str) -> None:
         replica = replicas.get(device)
@@ -642,6 +649,8 @@ def _evaluate_all(
         for t in threads:
             t.join()
         raise
+    finally:
+        readers.close()
     if setup_errors:
         raise setup_errors[0]
 
@@ -657,7 +666,9 @@ class _Replica:
 class _Context:
     """What a device's worker needs to evaluate checkpoints and report each one."""
 
-    def __init__(self, evaluator, splits, batch, fingerprints, progress, done, failed, stopping):
+    def __init__(
+        self, evaluator, splits, batch, fingerprints, progress, done, failed, stopping, readers
+    ):
         self.evaluator = evaluator
         self.splits = splits
         self.batch = batch
@@ -666,6 +677,7 @@ class _Context:
         self.done = done
         self.failed = failed
         self.stopping = stopping  # a threading.Event, set on Ctrl-C
+        self.readers = readers  # reading.Readers: where the stacked loop reads checkpoints
 
     def evaluate(self, evaluate: Callable[[int], Any]) -> Any:
         """``evaluate(batch size)``; when the device runs out of memory on array data, again
@@ -771,20 +783,56 @@ def _stacked_loop(ctx: _Context, work: queue.Queue, size: int) -> None:
     figures the device had computed.
     """
     evaluator = ctx.evaluator
+    # Three sets of stacked buffers, taken in turn: the group read back, the one running,
+    # the one being read (``gather`` fills set g % 3 only once group g - 3 is written).
+    stacks: list[list[np.ndarray]] = []
+    turn = itertools.count()
 
     def gather() -> tuple[list, list[np.ndarray] | None]:
-        buffers = None
-        members: list = []
-        while len(members) < size and (checkpoint := _take(work)) is not None:
-            if buffers is None:
-                buffers = evaluator.host_stack(size)
-            try:
-                evaluator.fill(buffers, len(members), checkpoint.path)
-            except TruelossReplayError as e:  # a damaged or foreign checkpoint: that one
-                ctx.failed(checkpoint, e)
-                continue
-            members.append(checkpoint)
-        return members, buffers
+        """The next group: up to ``size`` checkpoints read into the next set of buffers, in
+        parallel on the reader processes; one that cannot be read is reported and another
+        takes its slot."""
+        index = next(turn) % 3
+        buffers = stacks[index] if index < len(stacks) else None
+        members: dict[int, Any] = {}
+        free = list(range(size - 1, -1, -1))
+        reading: dict[Any, tuple[int, Any]] = {}
+        while True:
+            while free and not ctx.stopping.is_set() and (checkpoint := _take(work)) is not None:
+                if buffers is None:
+                    buffers = evaluator.host_stack(size)
+                    stacks.append(buffers)
+                slot = free.pop()
+                future = ctx.readers.read_into(
+                    checkpoint.path,
+                    evaluator.file_signature(checkpoint.path),
+                    evaluator.slot_views(buffers, slot),
+                )
+                reading[future] = (slot, checkpoint)
+            if not reading:
+                break
+            finished, _ = concurrent.futures.wait(
+                reading, return_when=concurrent.futures.FIRST_COMPLETED
+            )
+            for future in finished:
+                slot, checkpoint = reading.pop(future)
+                try:
+                    future.result()
+                except TruelossReplayError as e:  # a damaged or foreign checkpoint: that one
+                    ctx.failed(checkpoint, e)
+                    free.append(slot)
+                except BaseException:
+                    concurrent.futures.wait(reading)  # nothing writes into the buffers after
+                    raise
+                else:
+                    members[slot] = checkpoint
+        # The members in the first slots, in the order they were taken.
+        slots = sorted(members)
+        for position, slot in enumerate(slots):
+            if slot != position:
+                for buffer in buffers:
+                    buffer[position] = buffer[slot]
+        return [members[slot] for slot in slots], buffers
 
     with (
         ThreadPoolExecutor(max_workers=1) as reader,
