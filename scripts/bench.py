@@ -1386,6 +1386,196 @@ def datamajor_command(k, reps, examples, delay, json_path):
     )
 
 
+# --------------------------------------------------------------------------- reading
+
+
+def _python_work(units: int) -> float:
+    """``units`` of pure-Python arithmetic, which needs the GIL throughout."""
+    x = 0.0
+    for _ in range(units):
+        x = x * 0.999999 + 1.0
+    return x
+
+
+def _wait_precisely(seconds: float) -> None:
+    """Blocks without the GIL for ``seconds`` (select's timeout, which is precise to tens
+    of microseconds where sleep's timer slack is not)."""
+    import select
+
+    deadline = time.perf_counter() + seconds
+    while (left := deadline - time.perf_counter()) > 0:
+        select.select([], [], [], left)
+
+
+def _work_units(ms: float) -> int:
+    """How many ``_python_work`` units take ``ms`` milliseconds here (median of 15)."""
+    trial = 200_000
+    timings = []
+    for _ in range(15):
+        started = time.perf_counter()
+        _python_work(trial)
+        timings.append(time.perf_counter() - started)
+    return max(1, int(trial * ms / 1e3 / median(timings)))
+
+
+@cli.command("read")
+@_k_option(32)
+@_reps_option(5)
+@click.option(
+    "--work-ms",
+    default=1.5,
+    show_default=True,
+    type=float,
+    help="Python work per checkpoint on the busy thread, in ms.",
+)
+@click.option(
+    "--readers",
+    "reader_counts",
+    multiple=True,
+    type=click.IntRange(min=1),
+    default=(1, 2),
+    show_default=True,
+    help="Reader processes to measure (repeatable).",
+)
+@click.option(
+    "--wait-ms",
+    default=1.0,
+    show_default=True,
+    type=float,
+    help="Then a wait per checkpoint that lets go of the GIL (the device computing), in ms.",
+)
+@_json_option
+def read_command(k, reps, work_ms, wait_ms, reader_counts, json_path):
+    """Checkpoint reads beside a busy Python thread: a reader thread vs reader processes.
+
+    On a GPU, the thread that drives the device spends its time in Python (starting
+    programs, reading back, writing results) while the device computes; the reads of the
+    next checkpoints must not hold it up. This measures that directly, without a GPU: the
+    reference MLP's checkpoints (1.2 MB each), and a thread doing --work-ms of pure-Python
+    work per checkpoint. Per repetition, in rotated order:
+
+    \b
+      read alone     K reads on one thread, one after another
+      work alone     K units of the work on one thread
+      thread         both at once, the reads on a second thread (replay without readers)
+      N processes    both at once, the reads on N reader processes (replay's Readers(N))
+
+    Reported: ms per checkpoint, "/ work": wall / work alone (1.00: the reads cost the busy
+    thread nothing), and this process's CPU time per read (the GIL's share lies in it).
+
+    \b
+    Example:
+        python scripts/bench.py read --k 32 --work-ms 1.5 --readers 1 --readers 2
+    """
+    import concurrent.futures
+
+    import numpy as np
+
+    from trueloss_replay.reading import Readers
+    from trueloss_replay.run import read_manifest
+
+    info = machine_info()
+    (x, y), (xv, yv) = reference_data(64, 16)
+    variants = ["read alone", "work alone", "thread"] + [f"{n} processes" for n in reader_counts]
+    wall: dict[str, list[float]] = {v: [] for v in variants}
+    cpu: dict[str, list[float]] = {v: [] for v in variants}
+    with tempfile.TemporaryDirectory(prefix="bench-read-") as tmp:
+        run_dir = Path(tmp) / "run"
+        _make_replay_run(run_dir, k, (x, y), (xv, yv), 64)
+        signature = read_manifest(run_dir)["variables"]
+        paths = sorted((run_dir / "checkpoints").glob("e*.h5"))
+        size = paths[0].stat().st_size
+        jobs = [(p, [np.empty(shape, dtype) for _, shape, dtype in signature]) for p in paths]
+        units = _work_units(work_ms)
+
+        def reads(readers) -> None:
+            for future in [readers.read_into(p, signature, a) for p, a in jobs]:
+                future.result()
+
+        pools = {n: Readers(n) for n in reader_counts}
+        on_thread = Readers(0)
+        try:
+            for n, readers in pools.items():  # started, and the page cache warm, untimed
+                reads(readers)
+                deadline = time.monotonic() + 60  # each starts on its own thread
+                while len(readers.pids) < n and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                if len(readers.pids) != n:
+                    raise click.ClickException(f"{n} reader processes did not start")
+
+            def work() -> None:
+                for _ in paths:
+                    _python_work(units)
+                    if wait_ms:
+                        _wait_precisely(wait_ms / 1e3)
+
+            def both(readers) -> None:
+                with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                    reading = pool.submit(reads, readers)
+                    work()
+                    reading.result()
+
+            runs = {"read alone": lambda: reads(on_thread), "work alone": work}
+            runs["thread"] = lambda: both(on_thread)
+            for n, readers in pools.items():
+                runs[f"{n} processes"] = lambda readers=readers: both(readers)
+            for rep in range(reps):
+                for name in rotated(variants, rep):
+                    started, process = time.perf_counter(), time.process_time()
+                    runs[name]()
+                    wall[name].append((time.perf_counter() - started) / k)
+                    cpu[name].append((time.process_time() - process) / k)
+                    _log(f"rep {rep + 1}/{reps} {name:<12} {wall[name][-1] * 1e3:.2f} ms/ckpt")
+        finally:
+            for readers in pools.values():
+                readers.close()
+    info["loadavg_end"] = os.getloadavg()
+    summary = {name: median(v) for name, v in wall.items()}
+    cpu_summary = {name: median(v) for name, v in cpu.items()}
+    work_cpu = cpu_summary["work alone"]
+    click.echo("")
+    click.echo(
+        f"read: {k} checkpoints of the reference MLP ({size:,} bytes each), "
+        f"{work_ms} ms of Python work per checkpoint; {reps} reps, rotated order; medians"
+    )
+    print_machine_info(info)
+    click.echo("")
+    rows = []
+    for name in variants:
+        busy = name not in ("read alone", "work alone")
+        reads_cpu = cpu_summary[name] - (work_cpu if busy else 0)
+        rows.append(
+            [
+                name,
+                f"{summary[name] * 1e3:.2f}",
+                f"{summary[name] / summary['work alone']:.2f}",
+                "" if name == "work alone" else f"{reads_cpu * 1e3:.2f}",
+            ]
+        )
+    print_table(["variant", "ms per checkpoint", "/ work", "this process's CPU ms per read"], rows)
+    write_json(
+        json_path,
+        {
+            "benchmark": "read",
+            "command": _command_line(),
+            "config": {
+                "workload": "mlp",
+                "checkpoints": k,
+                "checkpoint_bytes": size,
+                "work_ms": work_ms,
+                "readers": list(reader_counts),
+                "reps": reps,
+                "order": "rotated each rep",
+            },
+            "machine": info,
+            "seconds_per_checkpoint": wall,
+            "cpu_seconds_per_checkpoint": cpu,
+            "median": summary,
+            "median_cpu": cpu_summary,
+        },
+    )
+
+
 @cli.command("sample")
 @_k_option(5)
 @_reps_option(3)

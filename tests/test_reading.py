@@ -138,8 +138,7 @@ def test_reader_count_comes_from_the_environment(monkeypatch, value, expected):
         monkeypatch.delenv(READERS_ENV, raising=False)
     else:
         monkeypatch.setenv(READERS_ENV, value)
-    default = min(4, (os.cpu_count() or 1) // 4)
-    assert reader_count() == (default if expected is None else expected)
+    assert reader_count() == (0 if expected is None else expected)
 
 
 @pytest.mark.parametrize("value", ["two", "-1", "1.5"])

@@ -3,7 +3,8 @@
 h5py holds Python's GIL while HDF5 opens a file and walks its metadata: most of the
 millisecond a small model's checkpoint takes to read. On a GPU that evaluates such a
 checkpoint in about as long, a reader *thread* takes turns with the thread that drives the
-device, and several GPUs share one GIL. So replay can read on reader *processes*.
+device, and several GPUs share one GIL. So replay can read on reader *processes*, as many
+as ``TRUELOSS_REPLAY_READERS`` says (none by default: see ``READERS_ENV``).
 
 A reader is started as ``python -m trueloss_replay.reading``: it imports h5py and numpy, and
 no user code (``multiprocessing``'s spawn would run the caller's main module again, and with
@@ -13,7 +14,8 @@ signature, the arrays' shapes) on its stdin; the reader reads with ``run.read_we
 its stdout, which this process reads straight into the caller's arrays (a stacked buffer's
 slot). Those reads are system calls that let go of the GIL. Pipes rather than shared memory:
 nothing to clean up after a crash, no ``/dev/shm`` to fill (64 MiB in a default Docker
-container), at the cost of one more copy on a core that is otherwise idle.
+container), at the cost of one more copy (0.5-0.7 ms of CPU time per 1.2 MB checkpoint on
+the 2-core test machine, without the GIL).
 
 Where a reader cannot start, replay reads on its own thread, as without readers, and says so
 once. A reader that dies while it reads (a file that crashes HDF5) fails that checkpoint
@@ -40,11 +42,12 @@ import numpy as np
 from trueloss_replay import run as runfmt
 from trueloss_replay.errors import DataError, RunFormatError
 
-#: Reader processes per replay: an integer >= 0; 0 reads on the replay's own thread.
+#: Reader processes per replay: an integer >= 0; 0 (the default) reads on the replay's own
+#: thread. Not on by default until a GPU host measures that they win: on 2 CPU cores they
+#: do not (the reader and the copy out of its pipe compete with the device's thread for the
+#: same cores; ``scripts/bench.py read``), and ``scripts/bench_gpu.sh`` measures replay
+#: with 0 and with 4.
 READERS_ENV = "TRUELOSS_REPLAY_READERS"
-#: The default is one reader process per 4 CPU cores, at most this many: 4 on a 16-core GPU
-#: host; none on 2 cores, where a reader would compete with the device's thread for them.
-MAX_READERS = 4
 
 _HEADER = struct.Struct("!Q")
 _READY = b"trueloss-replay reader ready\n"
@@ -53,15 +56,14 @@ _PIPE_BYTES = 1 << 20
 
 
 def reader_count() -> int:
-    """Reader processes a replay starts: ``TRUELOSS_REPLAY_READERS`` when set, else one per
-    4 CPU cores, at most ``MAX_READERS``.
+    """Reader processes a replay starts: ``TRUELOSS_REPLAY_READERS``, 0 when unset.
 
     Raises:
         DataError: the variable holds something other than an integer >= 0.
     """
     value = os.environ.get(READERS_ENV, "").strip()
     if not value:
-        return min(MAX_READERS, (os.cpu_count() or 1) // 4)
+        return 0
     try:
         count = int(value)
         if count < 0:
@@ -195,10 +197,18 @@ class _ReaderStopped(Exception):
 
 
 class _Worker:
-    """One reader process and its pipes, used by one thread."""
+    """One reader process and its pipes, used by one thread.
+
+    A reply is 8 bytes (0, or the length of the pickled error that follows), then, after a 0,
+    the arrays' bytes: this side reads the 8 bytes and the arrays with one ``readv`` (more
+    where the pipe holds less), each a system call without the GIL, so that a busy thread
+    that holds it delays a read as little as possible.
+    """
 
     def __init__(self, process: subprocess.Popen):
         self.process = process
+        self.replies = process.stdout.fileno()
+        self.requests = process.stdin.fileno()
 
     @classmethod
     def start(cls) -> _Worker:
@@ -221,8 +231,13 @@ class _Worker:
         with contextlib.suppress(OSError, AttributeError):
             import fcntl
 
-            fcntl.fcntl(process.stdout.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)
-        if process.stdout.readline() != _READY:
+            fcntl.fcntl(worker.replies, _F_SETPIPE_SZ, _PIPE_BYTES)
+        ready = bytearray(len(_READY))
+        try:
+            _read_fully(worker.replies, [memoryview(ready)])
+        except EOFError:
+            pass
+        if ready != _READY:
             worker.stop()
             lines = process.stderr.read().decode(errors="replace").strip().splitlines()
             raise _ReaderStopped(lines[-1] if lines else f"exit status {process.returncode}")
@@ -233,16 +248,22 @@ class _Worker:
     def read(self, request: bytes, into: Sequence[np.ndarray]) -> BaseException | None:
         """Sends a request; the arrays' bytes go into ``into``. Returns the read's error."""
         try:
-            self.process.stdin.write(_HEADER.pack(len(request)) + request)
-            self.process.stdin.flush()
-            error = pickle.loads(_receive(self.process.stdout))
-            if error is None:
-                for array in into:
-                    if array.nbytes:
-                        view = memoryview(array).cast("B")
-                        if self.process.stdout.readinto(view) != array.nbytes:
-                            raise EOFError("the reader closed its pipe")
-            return error
+            _write_fully(self.requests, [_HEADER.pack(len(request)), request])
+            status = bytearray(_HEADER.size)
+            views = [memoryview(status)] + [memoryview(a).cast("B") for a in into if a.nbytes]
+            got = _read_fully(self.replies, views, at_least=_HEADER.size)
+            (size,) = _HEADER.unpack(status)
+            if size == 0:
+                _read_fully(self.replies, views, start=got)
+                return None
+            # An error: its first bytes went into the arrays (they are not used).
+            received = got - _HEADER.size
+            if received > size:
+                raise EOFError(f"a reply of {received} bytes for an error of {size}")
+            payload = b"".join(bytes(v) for v in views[1:])[:received]
+            rest = bytearray(size - received)
+            _read_fully(self.replies, [memoryview(rest)])
+            return pickle.loads(payload + rest)
         except (OSError, EOFError, pickle.UnpicklingError) as e:
             self.stop()
             code = self.process.returncode
@@ -260,33 +281,60 @@ class _Worker:
             self.process.wait()
 
 
+def _read_fully(fd: int, views: list[memoryview], start: int = 0, at_least: int | None = None):
+    """Reads into the concatenation of ``views`` from byte ``start`` until it is full (or
+    holds ``at_least`` bytes); returns the bytes it holds. Raises EOFError at the end of
+    the pipe."""
+    total = sum(v.nbytes for v in views)
+    goal = total if at_least is None else at_least
+    done = start
+    while done < goal:
+        # The views from byte ``done`` on.
+        rest, skip = [], done
+        for view in views:
+            if skip >= view.nbytes:
+                skip -= view.nbytes
+                continue
+            rest.append(view[skip:])
+            skip = 0
+        n = os.readv(fd, rest)
+        if n == 0:
+            raise EOFError("the reader closed its pipe")
+        done += n
+    return done
+
+
+def _write_fully(fd: int, parts: list) -> None:
+    views = [memoryview(p).cast("B") for p in parts if len(memoryview(p).cast("B"))]
+    while views:
+        n = os.writev(fd, views)
+        while n:
+            if n >= views[0].nbytes:
+                n -= views[0].nbytes
+                views.pop(0)
+            else:
+                views[0], n = views[0][n:], 0
+
+
 def _drain(stream: BinaryIO) -> None:
     with contextlib.suppress(OSError, ValueError):
         while stream.read(65536):
             pass
 
 
-def _receive(stream: BinaryIO) -> bytes:
-    header = stream.read(_HEADER.size)
-    if len(header) < _HEADER.size:
-        raise EOFError("the reader closed its pipe")
-    (size,) = _HEADER.unpack(header)
-    payload = stream.read(size)
-    if len(payload) < size:
-        raise EOFError("the reader closed its pipe")
-    return payload
-
-
 # --------------------------------------------------------------------------- the reader
 
 
-def serve(requests: BinaryIO, replies: BinaryIO) -> None:
-    """The reader's loop, one request per checkpoint, until ``requests`` closes: the reply
-    is the pickled error (None), then the arrays' bytes."""
+def serve(requests: int, replies: int) -> None:
+    """The reader's loop, one request per checkpoint, until the ``requests`` pipe closes;
+    a reply is ``_Worker``'s: 0 and the arrays' bytes, or the pickled error's length and it."""
     arrays: dict[Any, list[np.ndarray]] = {}  # reused from one checkpoint to the next
     while True:
+        header = bytearray(_HEADER.size)
         try:
-            request = _receive(requests)
+            _read_fully(requests, [memoryview(header)])
+            request = bytearray(_HEADER.unpack(header)[0])
+            _read_fully(requests, [memoryview(request)])
         except EOFError:
             return
         into: list[np.ndarray] = []
@@ -298,28 +346,23 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
                 arrays[key] = [np.empty(shape, np.dtype(dtype)) for shape, dtype in key]
             into = arrays[key]
             runfmt.read_weights_into(Path(path), signature, into)
-            error: BaseException | None = None
         except Exception as e:  # noqa: BLE001 - the replay raises it where it asked
-            error = e
-        try:
-            payload = pickle.dumps(error, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception:  # noqa: BLE001 - an error that does not pickle: its text
-            payload = pickle.dumps(RunFormatError(f"{type(error).__name__}: {error}"))
-        replies.write(_HEADER.pack(len(payload)) + payload)
-        if error is None:
-            for array in into:
-                if array.nbytes:
-                    replies.write(memoryview(array).cast("B"))
-        replies.flush()
+            try:
+                payload = pickle.dumps(e, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception:  # noqa: BLE001 - an error that does not pickle: its text
+                payload = pickle.dumps(RunFormatError(f"{type(e).__name__}: {e}"))
+            _write_fully(replies, [_HEADER.pack(len(payload)), payload])
+            continue
+        _write_fully(replies, [_HEADER.pack(0), *into])
 
 
 def main() -> None:
     # The pipe to the replay carries only replies; a stray print goes to stderr.
-    replies = sys.stdout.buffer
-    sys.stdout = sys.stderr
-    replies.write(_READY)
-    replies.flush()
-    serve(sys.stdin.buffer, replies)
+    sys.stdout.flush()
+    replies = os.dup(sys.stdout.fileno())
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    _write_fully(replies, [_READY])
+    serve(sys.stdin.fileno(), replies)
 
 
 if __name__ == "__main__":
