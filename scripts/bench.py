@@ -258,6 +258,7 @@ def machine_info() -> dict[str, Any]:
     import keras
 
     from trueloss_replay.backends import get_backend, resolve_devices
+    from trueloss_replay.reading import reader_count
 
     backend = get_backend()
     gpus, _ = backend.list_devices()
@@ -279,6 +280,7 @@ def machine_info() -> dict[str, Any]:
         "gpus": gpus,
         "devices": resolve_devices("auto"),
         "device_kind": _device_kind(backend.NAME, gpus),
+        "replay_reader_processes": reader_count(),  # TRUELOSS_REPLAY_READERS
         "loadavg_start": os.getloadavg(),
     }
 
@@ -304,6 +306,7 @@ def print_machine_info(info: dict[str, Any]) -> None:
         f"{info['date']}  {info['processor']}  cpus={info['cpus_usable']}/{info['cpu_count']}"
         f"  python {info['python']}  Keras {info['keras']}  {info['backend']} "
         f"{info['backend_version']}  device {', '.join(info['devices'])} ({info['device_kind']})"
+        f"  replay's reader processes {info['replay_reader_processes']}"
     )
     load = " -> ".join(
         "/".join(f"{v:.1f}" for v in info[k]) for k in ("loadavg_start", "loadavg_end") if k in info

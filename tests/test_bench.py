@@ -40,6 +40,7 @@ REPLAY_CNN += ["--k", "2", "--reps", "1", "--skip", "naive", "--skip", "reused"]
 CALLBACK = ["callback", "--examples", "400", "--epochs", "2", "--reps", "1"]
 SAMPLE = ["sample", "--examples", "400", "--k", "2", "--reps", "1", "--train-sample", "100"]
 DATAMAJOR = ["datamajor", "--examples", "400", "--k", "2", "--reps", "1", "--delay", "0.001"]
+READ = ["read", "--k", "4", "--reps", "1", "--readers", "1", "--work-ms", "0.2"]
 WITHOUT_NAIVE = ["--skip", "naive"]
 ONLY_REPLAY_CHECKPOINT = ["--variant", "ReplayCheckpoint"]
 
@@ -68,6 +69,13 @@ FIGURES = {
         ("summary", "ReplayCheckpoint", "cpu_ratio_median"),
     ],
     "datamajor": [("median", "checkpoint-major"), ("median", "data-major")],
+    "read": [
+        ("median", "read alone"),
+        ("median", "work alone"),
+        ("median", "thread"),
+        ("median", "1 processes"),
+        ("median_cpu", "1 processes"),
+    ],
     "sample": [
         ("summary", "speedup"),
         ("summary", "steady_speedup"),
@@ -104,6 +112,7 @@ def _lookup(payload: dict, path: tuple[str, ...]):
         pytest.param("jax", CALLBACK + ONLY_REPLAY_CHECKPOINT, id="callback-jax"),
         pytest.param("tensorflow", DATAMAJOR, id="datamajor-tensorflow"),
         pytest.param("tensorflow", SAMPLE, id="sample-tensorflow"),
+        pytest.param("jax", READ, id="read-jax"),
     ],
 )
 def test_bench_subcommand_runs_and_writes_json(backend, args, tmp_path):
