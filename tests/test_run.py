@@ -21,6 +21,7 @@ from trueloss_replay.run import (
     read_checkpoint,
     read_manifest,
     read_weights,
+    read_weights_into,
     write_checkpoint,
 )
 
@@ -378,29 +379,44 @@ def test_as_recorded_names_the_model_variables_as_the_run_recorded_them(trained_
     wider = [[loaded[0][0], loaded[0][1], "float64"], *loaded[1:]]
     assert as_recorded(wider, path) == wider
     assert as_recorded(loaded[:-1], path) == loaded[:-1]
+    # The recorded names in another order match by name as they are, never by position.
+    permuted = [list(recorded[1]), list(recorded[0]), *map(list, recorded[2:])]
+    assert as_recorded(permuted, path) == permuted
     outside = Path("elsewhere") / "e0002.h5"  # no run folder: nothing recorded
     assert as_recorded(loaded, outside) == loaded
 
 
-def test_a_truncated_checkpoint_is_not_read_past_its_end(checkpoint, run_copy, tmp_path):
-    """The fast read copies a variable's bytes from its offset; a file cut short of them is
-    left to the checked read, which says it is damaged."""
+def test_a_checkpoint_cut_short_is_refused_by_name(checkpoint, run_copy):
+    """A copy interrupted in the last variable's bytes: neither read returns numbers. (HDF5
+    itself refuses to open a file shorter than it records; the fast read also checks each
+    variable's end against the file's size, and a short ``preadv``.)"""
     signature = read_manifest(run_copy)["variables"]
-    key, _ = first_variable(checkpoint)
-    with h5py.File(checkpoint, "r") as f:
-        end = f["weights"][key].id.get_offset() + f["weights"][key].id.get_storage_size()
-    assert end < checkpoint.stat().st_size - 8  # variable 0 is not the file's last bytes
     with h5py.File(checkpoint, "r") as f:
         last = max(
-            (f["weights"][k].id.get_offset() + f["weights"][k].id.get_storage_size(), k)
-            for k in (name for name, *_ in signature)
+            f["weights"][key].id.get_offset() + f["weights"][key].id.get_storage_size()
+            for key, *_ in signature
         )
     with open(checkpoint, "r+b") as f:
-        f.truncate(last[0] - 4)  # the last variable loses its last 4 bytes
+        f.truncate(last - 4)
 
     assert _read_exact(checkpoint, signature) is None
-    with pytest.raises(RunFormatError, match="e0002.h5"):
+    with pytest.raises(RunFormatError, match="e0002.h5.*damaged") as error:
         read_weights(checkpoint)
+    assert error.value.checkpoint == "e0002.h5"
+
+
+def test_arrays_of_another_dtype_are_filled_by_the_checked_read(trained_run):
+    """Bytes are copied only into arrays of the stored dtype; float64 arrays get the float32
+    values converted, as h5py reads them."""
+    path = trained_run.path / "checkpoints" / "e0002.h5"
+    signature = read_manifest(trained_run.path)["variables"]
+    into = [np.full(shape, np.nan, np.float64) for _, shape, _ in signature]
+
+    assert _read_exact(path, signature, into) is None
+    read_weights_into(path, signature, into)
+    with h5py.File(path, "r") as f:
+        for got, (key, *_) in zip(into, signature, strict=True):
+            np.testing.assert_array_equal(got, f["weights"][key][()].astype(np.float64))
 
 
 def _gzip(path: Path) -> None:
@@ -434,6 +450,23 @@ def _gzip_incompressible(path: Path) -> None:
         f["weights"].create_dataset(key, data=data, compression="gzip").attrs["index"] = 0
 
 
+def _seven_bit_exponent(path: Path) -> None:
+    """Variable 0 as a 32-bit float with a 7-bit exponent: h5py shows it as float32, but
+    its bytes are not float32's (HDF5 converts them on read)."""
+    key, _ = first_variable(path)
+    with h5py.File(path, "r+") as f:
+        data = f["weights"][key][()]
+        del f["weights"][key]
+        stored = h5py.h5t.IEEE_F32LE.copy()
+        stored.set_fields(31, 23, 7, 0, 23)
+        stored.set_ebias(63)
+        space = h5py.h5s.create_simple(data.shape)
+        dataset = h5py.h5d.create(f["weights"].id, key.encode(), stored, space)
+        dataset.write(h5py.h5s.ALL, h5py.h5s.ALL, data)
+        f["weights"][key].attrs["index"] = 0
+        assert f["weights"][key].dtype == np.float32
+
+
 def _float_index(path: Path) -> None:
     key, _ = first_variable(path)
     with h5py.File(path, "r+") as f:
@@ -442,8 +475,8 @@ def _float_index(path: Path) -> None:
 
 @pytest.mark.parametrize(
     "change",
-    [_gzip, _gzip_incompressible, _extra, _float64, _float_index],
-    ids=["gzip", "gzip-incompressible", "extra", "float64", "float-index"],
+    [_gzip, _gzip_incompressible, _extra, _float64, _float_index, _seven_bit_exponent],
+    ids=["gzip", "gzip-incompressible", "extra", "float64", "float-index", "7-bit-exponent"],
 )
 def test_anything_but_the_exact_layout_takes_the_checked_read(checkpoint, run_copy, change):
     signature = read_manifest(run_copy)["variables"]

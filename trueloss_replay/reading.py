@@ -6,19 +6,19 @@ checkpoint in about as long, a reader *thread* takes turns with the thread that 
 device, and several GPUs share one GIL. So replay can read on reader *processes*, as many
 as ``TRUELOSS_REPLAY_READERS`` says (none by default: see ``READERS_ENV``).
 
-A reader is started as ``python -m trueloss_replay.reading``: it imports h5py and numpy, and
-no user code (``multiprocessing``'s spawn would run the caller's main module again, and with
-it a script's training). One thread here per reader sends it a request (the file, the model's
-signature, the arrays' shapes) on its stdin; the reader reads with ``run.read_weights_into``
-(the same checks, the same errors, which come back pickled) and writes the arrays' bytes to
-its stdout, which this process reads straight into the caller's arrays (a stacked buffer's
-slot). Those reads are system calls that let go of the GIL. Pipes rather than shared memory:
-nothing to clean up after a crash, no ``/dev/shm`` to fill (64 MiB in a default Docker
-container), at the cost of one more copy (0.5-0.7 ms of CPU time per 1.2 MB checkpoint on
-the 2-core test machine, without the GIL).
+A reader is started as ``python -c`` with this process's ``sys.path``, and imports this
+module, h5py and numpy, and no user code (``multiprocessing``'s spawn would run the caller's
+main module again, and with it a script's training). One thread here per reader sends it a
+request (the file, the model's signature, the arrays' shapes) on its stdin; the reader reads
+with ``run.read_weights_into`` (the same checks, the same errors, which come back pickled)
+and writes the arrays' bytes to its stdout, which this process reads straight into the
+caller's arrays (a stacked buffer's slot). Those reads are system calls that let go of the
+GIL. Pipes rather than shared memory: nothing to clean up after a crash, no ``/dev/shm`` to
+fill (64 MiB in a default Docker container), at the cost of one more copy (0.5-0.7 ms of CPU
+time per 1.2 MB checkpoint on the 2-core test machine, without the GIL).
 
-Where a reader cannot start, replay reads on its own thread, as without readers, and says so
-once. A reader that dies while it reads (a file that crashes HDF5) fails that checkpoint
+Where a reader cannot start, replay reads in its own process, as without readers, and says
+so once. A reader that dies while it reads (a file that crashes HDF5) fails that checkpoint
 only; the next read starts a new reader.
 """
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import select
 import struct
 import subprocess
 import sys
@@ -53,6 +54,13 @@ _HEADER = struct.Struct("!Q")
 _READY = b"trueloss-replay reader ready\n"
 _F_SETPIPE_SZ = 1031  # Linux: a pipe of 1 MiB, so a checkpoint's bytes flow in few reads
 _PIPE_BYTES = 1 << 20
+#: Buffers one readv/writev takes at most (POSIX guarantees 16; Linux allows 1024).
+try:
+    _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))
+except (AttributeError, ValueError, OSError):
+    _IOV_MAX = 16
+#: Seconds a reader may take to start (import h5py and numpy) before it is given up.
+_START_SECONDS = 120
 
 
 def reader_count() -> int:
@@ -125,18 +133,25 @@ class Readers:
             return future
         return self._executor.submit(self._read, Path(path), [list(s) for s in signature], into)
 
-    def close(self) -> None:
-        """Waits for the reads started, then stops the reader processes."""
+    def close(self, kill: bool = False) -> None:
+        """Waits for the reads started, then stops the reader processes. With ``kill`` (an
+        interrupted replay), kills them first: their reads fail at once, and reads not
+        started are cancelled."""
+        if kill:
+            with self._lock:
+                workers = list(self._workers)
+            for worker in workers:
+                worker.process.kill()
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
+            self._executor.shutdown(wait=True, cancel_futures=kill)
         for worker in self._workers:
             worker.stop()
 
     def __enter__(self) -> Readers:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, *exc) -> None:
+        self.close(kill=kind is not None)
 
     @property
     def pids(self) -> list[int]:
@@ -161,7 +176,7 @@ class Readers:
             if first:
                 warnings.warn(
                     f"trueloss-replay: a reader process could not start ({e}); reading "
-                    "checkpoints on the replay's own thread.",
+                    "checkpoints in the replay's own process.",
                     stacklevel=2,
                 )
             return None
@@ -172,7 +187,7 @@ class Readers:
 
     def _read(self, path: Path, signature: list, into: Sequence[np.ndarray]) -> None:
         worker = self._worker()
-        if worker is None or not all(a.flags.c_contiguous for a in into):
+        if worker is None or not all(_sendable(a) for a in into):
             runfmt.read_weights_into(path, signature, into)
             return
         layout = [(a.shape, a.dtype.str) for a in into]
@@ -190,6 +205,14 @@ class Readers:
             ) from None
         if error is not None:
             raise error
+
+
+def _sendable(array: np.ndarray) -> bool:
+    """Whether an array's bytes can come through the pipe as they are: C-contiguous, of a
+    numpy number type in this machine's byte order (not bfloat16, which ``memoryview``
+    cannot export)."""
+    dtype = array.dtype
+    return array.flags.c_contiguous and dtype.kind in "biuf" and dtype.isnative
 
 
 class _ReaderStopped(Exception):
@@ -212,17 +235,18 @@ class _Worker:
 
     @classmethod
     def start(cls) -> _Worker:
-        # The reader imports this package from where this process imported it.
-        root = str(Path(__file__).resolve().parent.parent)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        if getattr(sys, "frozen", False):  # sys.executable is the application itself
+            raise _ReaderStopped("a frozen application has no Python to start them with")
+        if not hasattr(os, "readv"):
+            raise _ReaderStopped("this platform has no readv")
+        # The reader imports exactly what this process would: its sys.path, in its order.
+        code = f"import sys; sys.path[:] = {sys.path!r}; import {__name__} as r; r.main()"
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", "trueloss_replay.reading"],
+                [sys.executable, "-c", code],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                env=env,
                 start_new_session=True,  # Ctrl-C is for the replay to handle, not its readers
             )
         except OSError as e:
@@ -234,23 +258,27 @@ class _Worker:
             fcntl.fcntl(worker.replies, _F_SETPIPE_SZ, _PIPE_BYTES)
         ready = bytearray(len(_READY))
         try:
+            if not select.select([worker.replies], [], [], _START_SECONDS)[0]:
+                raise EOFError(f"no word from it in {_START_SECONDS} s")
             _read_fully(worker.replies, [memoryview(ready)])
-        except EOFError:
-            pass
-        if ready != _READY:
+        except EOFError as e:
+            worker.process.kill()
             worker.stop()
             lines = process.stderr.read().decode(errors="replace").strip().splitlines()
-            raise _ReaderStopped(lines[-1] if lines else f"exit status {process.returncode}")
+            raise _ReaderStopped(lines[-1] if lines else str(e)) from None
+        if ready != _READY:
+            worker.stop()
+            raise _ReaderStopped(f"it said {bytes(ready)!r}")
         # What it writes to stderr from now on (HDF5's diagnostics) is not read: let it go.
         threading.Thread(target=_drain, args=(process.stderr,), daemon=True).start()
         return worker
 
     def read(self, request: bytes, into: Sequence[np.ndarray]) -> BaseException | None:
         """Sends a request; the arrays' bytes go into ``into``. Returns the read's error."""
+        status = bytearray(_HEADER.size)
+        views = [memoryview(status)] + [memoryview(a).cast("B") for a in into if a.nbytes]
         try:
             _write_fully(self.requests, [_HEADER.pack(len(request)), request])
-            status = bytearray(_HEADER.size)
-            views = [memoryview(status)] + [memoryview(a).cast("B") for a in into if a.nbytes]
             got = _read_fully(self.replies, views, at_least=_HEADER.size)
             (size,) = _HEADER.unpack(status)
             if size == 0:
@@ -270,6 +298,11 @@ class _Worker:
             raise _ReaderStopped(
                 f"exit status {code}" if code is not None else f"{type(e).__name__}: {e}"
             ) from None
+        except BaseException:
+            # Anything else (Ctrl-C) leaves a reply in the pipe: this reader is done.
+            self.process.kill()
+            self.stop()
+            raise
 
     def stop(self) -> None:
         with contextlib.suppress(OSError):
@@ -279,6 +312,8 @@ class _Worker:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        with contextlib.suppress(OSError):
+            self.process.stdout.close()
 
 
 def _read_fully(fd: int, views: list[memoryview], start: int = 0, at_least: int | None = None):
@@ -297,7 +332,7 @@ def _read_fully(fd: int, views: list[memoryview], start: int = 0, at_least: int 
                 continue
             rest.append(view[skip:])
             skip = 0
-        n = os.readv(fd, rest)
+        n = os.readv(fd, rest[:_IOV_MAX])
         if n == 0:
             raise EOFError("the reader closed its pipe")
         done += n
@@ -307,7 +342,7 @@ def _read_fully(fd: int, views: list[memoryview], start: int = 0, at_least: int 
 def _write_fully(fd: int, parts: list) -> None:
     views = [memoryview(p).cast("B") for p in parts if len(memoryview(p).cast("B"))]
     while views:
-        n = os.writev(fd, views)
+        n = os.writev(fd, views[:_IOV_MAX])
         while n:
             if n >= views[0].nbytes:
                 n -= views[0].nbytes

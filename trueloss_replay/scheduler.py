@@ -19,6 +19,7 @@ import itertools
 import json
 import os
 import queue
+import sys
 import threading
 import time
 import warnings
@@ -650,7 +651,8 @@ def _evaluate_all(
             t.join()
         raise
     finally:
-        readers.close()
+        # Interrupted (a second Ctrl-C) or failed: the readers are killed, not waited for.
+        readers.close(kill=sys.exc_info()[0] is not None)
     if setup_errors:
         raise setup_errors[0]
 
@@ -826,7 +828,7 @@ def _stacked_loop(ctx: _Context, work: queue.Queue, size: int) -> None:
                     raise
                 else:
                     members[slot] = checkpoint
-        # The members in the first slots, in the order they were taken.
+        # The members in the first slots (a slot refilled after a failure keeps its place).
         slots = sorted(members)
         for position, slot in enumerate(slots):
             if slot != position:
