@@ -739,6 +739,7 @@ def as_recorded(signature: Sequence[Sequence[Any]], path: str | os.PathLike) -> 
         other_key, other_shape, *other_rest = entry
         if not (
             isinstance(other_key, str)
+            and isinstance(other_shape, list | tuple)
             and same_structure(str(key), other_key)
             and list(other_shape) == list(shape)
             and [str(r) for r in other_rest] == [str(r) for r in rest]
