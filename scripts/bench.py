@@ -889,6 +889,7 @@ def _replay_profile(run_dir: Path, floors: dict[str, _Floor], batch_size: int, r
     from trueloss_replay import run as runfmt
     from trueloss_replay.backends import resolve_devices
     from trueloss_replay.data import resolve_splits
+    from trueloss_replay.reading import Readers
 
     run = runfmt.Run(run_dir)
     checkpoints = run.checkpoints()
@@ -927,8 +928,13 @@ def _replay_profile(run_dir: Path, floors: dict[str, _Floor], batch_size: int, r
         group = checkpoints[:size]
         with timed("stacked", f"read {size} checkpoints into the stacked buffers"):
             buffers = evaluator.host_stack(size)
+            readers = Readers(0)  # as replay reads by default: on the calling thread
             for slot, checkpoint in enumerate(group):
-                evaluator.fill(buffers, slot, checkpoint.path)
+                readers.read_into(
+                    checkpoint.path,
+                    evaluator.file_signature(checkpoint.path),
+                    evaluator.slot_views(buffers, slot),
+                ).result()
         with timed("stacked", f"stage_stack: {size} checkpoints' weights onto the device"):
             params = evaluator.stage_stack(buffers, len(group))
         evaluator.evaluate_stacked(splits, batch_size, params, len(group))  # compiles

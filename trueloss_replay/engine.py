@@ -440,18 +440,10 @@ class Evaluator:
             buffers.append(buffer)
         return buffers
 
-    def fill(self, buffers: Sequence[np.ndarray], slot: int, path: Path) -> None:
-        """Reads a checkpoint straight into slot ``slot`` of ``host_stack``'s buffers.
-
-        Raises:
-            RunFormatError: the file is damaged.
-            CheckpointMismatchError: the weights do not fit the model.
-        """
-        runfmt.read_weights_into(path, self.file_signature(path), self.slot_views(buffers, slot))
-
     def slot_views(self, buffers: Sequence[np.ndarray], slot: int) -> list[np.ndarray]:
         """Slot ``slot`` of ``host_stack``'s buffers, one array per variable in
-        ``model.weights`` order (the signature's)."""
+        ``model.weights`` order (the signature's): where ``run.read_weights_into`` (or
+        ``reading.Readers.read_into``) reads a checkpoint, against ``file_signature``."""
         by_id = {id(v): b[slot, ...] for v, b in zip(self._ordered(), buffers, strict=True)}
         return [by_id[id(v)] for v in self.model.weights]
 
