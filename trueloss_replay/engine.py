@@ -329,7 +329,8 @@ class Evaluator:
         self._resident: dict[str, _Resident | None] = {}
         self._xla = jit_compile is not False
         self._per_example_names: list[str] = []
-        # The metrics' result() as a compiled host program; False: computed eagerly.
+        # The metrics' result() of a group of checkpoints as one compiled host program;
+        # False: computed eagerly.
         self._results_program: Callable | bool | None = None
         self._result_names: list[str] = []
 
@@ -936,13 +937,16 @@ class Evaluator:
                 extras.append([np.asarray(v, dtype=np.float64) for v in more[0]])
         if examples == 0:
             raise DataError(f"{split.name} data yielded no examples.")
+        metric_results = self._metric_results(
+            [[s[c] for s in state_sums or []] for c in range(count)]
+        )
         results = []
         for c in range(count):
             figures = {
                 "loss": float(loss_sums[c]) / examples,
                 "regularization_loss": float(reg_sums[c]) / examples,
             }
-            figures.update(self._metric_results([s[c] for s in state_sums or []]))
+            figures.update(metric_results[c])
             if extras:
                 population = getattr(split, "population", None)
                 columns = [
@@ -955,39 +959,53 @@ class Evaluator:
             results.append((figures, examples))
         return results
 
-    def _metric_results(self, state_sums: Sequence[np.ndarray]) -> dict[str, float]:
-        """Keras' own ``result()`` of the summed states, computed in host memory on values
-        passed through a ``StatelessScope``: no variable assigned, no device round trip.
+    def _metric_results(self, state_sums: Sequence[Sequence[np.ndarray]]) -> list[dict[str, float]]:
+        """Keras' own ``result()`` of each checkpoint's summed states (``state_sums``: one
+        list per checkpoint), computed in host memory on values passed through a
+        ``StatelessScope``: no variable assigned, no device round trip.
 
-        The ``result()`` calls run as one compiled host program, traced once: eagerly they
-        are a dozen small ops per metric, over a millisecond per split and checkpoint,
-        which is as long as the whole forward pass of a small model on a GPU. A metric
-        whose ``result()`` cannot be traced is computed eagerly instead.
+        The ``result()`` calls of all the checkpoints of a group run as one compiled host
+        program, traced once per number of checkpoints. Eagerly they are a dozen small ops
+        per metric, over a millisecond per split and checkpoint, which is as long as the
+        whole forward pass of a small model on a GPU; and each call of a compiled program
+        is a dispatch and a read-back (about 0.2 ms on a GPU host), so one call per split
+        and group instead of one per split and checkpoint. A metric whose ``result()``
+        cannot be traced is computed eagerly instead.
         """
         with self.backend.host_scope():
             values = [
-                total.astype(v.dtype) for v, total in zip(self._state, state_sums, strict=True)
+                [total.astype(v.dtype) for v, total in zip(self._state, sums, strict=True)]
+                for sums in state_sums
             ]
             if self._results_program is None:
-                self._results_program = self.backend.compile_step(self._result_list, jit=False)
+                self._results_program = self.backend.compile_step(self._result_lists, jit=False)
             if self._results_program is not False:
                 try:
                     results = self.backend.to_host(self._results_program(values))
                 except Exception:  # noqa: BLE001 - a result() that cannot be traced
                     self._results_program = False
-                else:  # a list, in the order result() gave the names when traced
-                    return {
-                        name: float(np.asarray(v))
-                        for name, v in zip(self._result_names, results, strict=True)
-                    }
-            return {name: float(np.asarray(v)) for name, v in self._results(values).items()}
+                else:  # lists, in the order result() gave the names when traced
+                    return [
+                        {
+                            name: float(np.asarray(v))
+                            for name, v in zip(self._result_names, checkpoint, strict=True)
+                        }
+                        for checkpoint in results
+                    ]
+            return [
+                {name: float(np.asarray(v)) for name, v in self._results(checkpoint).items()}
+                for checkpoint in values
+            ]
 
-    def _result_list(self, values: Sequence[Any]) -> list[Any]:
-        """``_results`` as a list (a compiled program would sort a dict's keys), the names
-        kept in ``_result_names``."""
-        results = self._results(values)
-        self._result_names = list(results)
-        return list(results.values())
+    def _result_lists(self, values: Sequence[Sequence[Any]]) -> list[list[Any]]:
+        """``_results`` of each checkpoint's state values as a list (a compiled program
+        would sort a dict's keys), the names kept in ``_result_names``."""
+        lists = []
+        for checkpoint in values:
+            results = self._results(checkpoint)
+            self._result_names = list(results)
+            lists.append(list(results.values()))
+        return lists
 
     def _results(self, values: Sequence[Any]) -> dict[str, Any]:
         """Every tracked metric's ``result()`` with its state variables at ``values``."""
