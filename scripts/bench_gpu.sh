@@ -26,10 +26,12 @@ run() {  # name, then the bench arguments
   [[ $rc -eq 0 ]] || { echo "== $name failed ($rc)"; status=1; }
   echo "== $name done at ${SECONDS}s"
 }
-# K = 12: replay 2K makes three groups of 8, whose middle one gives the steady cost.
-run mlp replay --workload mlp --examples "$mlp" --k 12 --reps "$reps" --skip naive
+# K = 20 for the MLP: replay 2K makes five groups of 8, whose middle three give the steady cost
+# (a group of the MLP is about 12 ms on an H200, one alone is noisy); K = 12 for the CNN: three
+# groups of 8, the middle one about 0.5 s.
+run mlp replay --workload mlp --examples "$mlp" --k 20 --reps "$reps" --skip naive
 # The same replay reading on 4 reader processes: does taking the reads off the GIL win here?
-TRUELOSS_REPLAY_READERS=4 run mlp-readers replay --workload mlp --examples "$mlp" --k 12 \
+TRUELOSS_REPLAY_READERS=4 run mlp-readers replay --workload mlp --examples "$mlp" --k 20 \
   --reps "$reps" --skip naive --skip reused
 run cnn replay --workload cnn --examples "$cnn" --k 12 --reps "$reps" --skip naive
 run callback callback --examples "$cb" --epochs 4 --reps "$reps" \
