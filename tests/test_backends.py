@@ -168,6 +168,46 @@ def test_metric_results_are_right_whether_or_not_result_can_be_compiled():
     assert again == figures
 
 
+@pytest.mark.parametrize("traceable", [True, False])
+def test_a_groups_metric_results_are_each_checkpoints_own(traceable):
+    """Three checkpoints evaluated in one stacked call: their metric results come from one
+    compiled call (or, with a result() that only runs eagerly, one by one), and each is the
+    checkpoint's own, as numpy computes it from that checkpoint's predictions."""
+    model = _counted_model()
+    metrics = ["accuracy", keras.metrics.SparseCategoricalCrossentropy(name="ce"), ExampleCount()]
+    metrics += [] if traceable else [HostMeanConfidence()]
+    model.compile(loss="sparse_categorical_crossentropy", metrics=metrics)
+    x, y, sw = _arrays()
+    rng = np.random.default_rng(7)
+    weight_sets = [
+        [np.asarray(v) * scale + rng.normal(0, 0.3, v.shape).astype(v.dtype) for v in model.weights]
+        for scale in (1.0, -0.5, 2.0)
+    ]
+    evaluator = Evaluator(model)
+    buffers = evaluator.host_stack(3)
+    for slot, weights in enumerate(weight_sets):
+        for view, array in zip(evaluator.slot_views(buffers, slot), weights, strict=True):
+            view[...] = array
+    params = evaluator.stage_stack(buffers, 3)
+
+    results = evaluator.evaluate_stacked({"train": ArraySplit("train", x, y, sw)}, 20, params, 3)
+
+    assert callable(evaluator._results_program) is traceable
+    entropies = []
+    for weights, result in zip(weight_sets, results, strict=True):
+        figures, count = result["train"]
+        model.set_weights(weights)
+        p = model.predict(x, batch_size=len(x), verbose=0).astype("float64")
+        assert count == 61 and figures["examples"] == 61.0
+        assert figures["accuracy"] == pytest.approx((p.argmax(axis=1) == y).mean(), rel=RTOL)
+        ce = -np.log(np.clip(p[np.arange(len(y)), y], 1e-7, 1.0)).mean()  # unweighted
+        assert figures["ce"] == pytest.approx(ce, rel=RTOL)
+        if not traceable:
+            assert figures["confidence"] == pytest.approx(p.max(axis=1).mean(), rel=RTOL)
+        entropies.append(figures["ce"])
+    assert len(set(entropies)) == 3  # a mix-up of checkpoints would show
+
+
 def test_programs_are_traced_once_per_shape_not_per_checkpoint(trained_run):
     """Three checkpoints, 180 train and 60 val examples at batches of 50: the stacked loop
     and the last-batch program of each split, traced for the first checkpoint only."""
