@@ -776,8 +776,9 @@ def _stacked_loop(ctx: _Context, work: queue.Queue, size: int) -> None:
     the host would otherwise dominate: a program call per split and batch shape, a read-back,
     a file read, a result written. Here the groups form a pipeline: while the device runs a
     group, the host reads the next one (straight into its stacked host buffers, on a reader
-    thread), starts it, and only then waits for the group before and turns its outputs into
-    figures; results are written on a writer thread. A group's figures are each checkpoint's
+    thread) and puts its weights on the device (on a staging thread), starts it, and only
+    then waits for the group before and turns its outputs into figures; results are written
+    on a writer thread. A group's figures are each checkpoint's
     own, as one at a time; a result's ``seconds`` is its group's share of the wall time.
 
     After Ctrl-C (``ctx.stopping``) a group already read is not started; the groups running
@@ -836,8 +837,27 @@ def _stacked_loop(ctx: _Context, work: queue.Queue, size: int) -> None:
                     buffer[position] = buffer[slot]
         return [members[slot] for slot in slots], buffers
 
+    def stage(read: concurrent.futures.Future) -> tuple[list, list[np.ndarray] | None, Any]:
+        """A group read by ``gather``, its weights put on the device: the copy (10 MB for 8
+        checkpoints of the reference MLP, a millisecond or two) is not made by the thread
+        that drives the device. An error the group's turn deals with (out of memory) is
+        returned in place of the weights."""
+        members, buffers = read.result()
+        if not members or ctx.stopping.is_set():
+            return members, buffers, None
+        try:
+            return members, buffers, evaluator.stage_stack(buffers, len(members))
+        except DataError:
+            raise
+        except TruelossReplayError as e:
+            return members, buffers, e
+
+    def upcoming_group() -> concurrent.futures.Future:
+        return stager.submit(stage, reader.submit(gather))
+
     with (
         ThreadPoolExecutor(max_workers=1) as reader,
+        ThreadPoolExecutor(max_workers=1) as stager,
         ThreadPoolExecutor(max_workers=1) as writer,
     ):
         written: list = []
@@ -862,19 +882,19 @@ def _stacked_loop(ctx: _Context, work: queue.Queue, size: int) -> None:
                     written.append(writer.submit(ctx.done, checkpoint, result))
             last_done = now
 
-        upcoming = reader.submit(gather)
+        upcoming = upcoming_group()
         previous: _Group | None = None
         while True:
             current = None
             try:
-                members, buffers = upcoming.result()
+                members, buffers, staged = upcoming.result()
                 if members and not ctx.stopping.is_set():
                     # Read the next group while this one evaluates: at most three groups'
                     # weights in host memory per device (the one read back, kept to evaluate
                     # again should it fail; the one running; the one being read).
-                    upcoming = reader.submit(gather)
+                    upcoming = upcoming_group()
                     current = _Group(members, buffers, ctx.batch)
-                    _start(ctx, current)
+                    _start(ctx, current, staged)
             except BaseException:
                 if previous is not None:
                     settle(previous)  # what the device computed is still written
@@ -901,13 +921,16 @@ class _Group:
     error: TruelossReplayError | None = None
 
 
-def _start(ctx: _Context, group: _Group) -> None:
-    """The group's weights onto the device and its programs started."""
+def _start(ctx: _Context, group: _Group, staged: Any) -> None:
+    """The group's programs started on its weights as ``stage_stack`` put them on the
+    device (``staged``; or the error that kept them from it)."""
     evaluator = ctx.evaluator
+    if isinstance(staged, TruelossReplayError):
+        group.error = staged  # dealt with when the group's turn comes (``_finish``)
+        return
     try:
-        params = evaluator.stage_stack(group.buffers, len(group.members))
         group.started = evaluator.dispatch_stacked(
-            ctx.splits, group.batch, params, len(group.members), ctx.progress.advance
+            ctx.splits, group.batch, staged, len(group.members), ctx.progress.advance
         )
     except DataError:
         raise
