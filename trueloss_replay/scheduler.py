@@ -778,8 +778,8 @@ def _stacked_loop(ctx: _Context, work: queue.Queue, size: int) -> None:
     group, the host reads the next one (straight into its stacked host buffers, on a reader
     thread) and puts its weights on the device (on a staging thread), starts it, and only
     then waits for the group before and turns its outputs into figures; results are written
-    on a writer thread. A group's figures are each checkpoint's
-    own, as one at a time; a result's ``seconds`` is its group's share of the wall time.
+    on a writer thread. A group's figures are each checkpoint's own, as one at a time; a
+    result's ``seconds`` is its group's share of the wall time.
 
     After Ctrl-C (``ctx.stopping``) a group already read is not started; the groups running
     finish and are written. An error that stops the loop still writes the group whose
@@ -840,8 +840,10 @@ def _stacked_loop(ctx: _Context, work: queue.Queue, size: int) -> None:
     def stage(read: concurrent.futures.Future) -> tuple[list, list[np.ndarray] | None, Any]:
         """A group read by ``gather``, its weights put on the device: the copy (10 MB for 8
         checkpoints of the reference MLP, a millisecond or two) is not made by the thread
-        that drives the device. An error the group's turn deals with (out of memory) is
-        returned in place of the weights."""
+        that drives the device. A ``TruelossReplayError`` is returned in place of the
+        weights, for the group's turn to deal with, as one from starting its programs; any
+        other error (``stage_stack`` does not translate the backend's) stops the replay, as
+        it did when the main thread staged."""
         members, buffers = read.result()
         if not members or ctx.stopping.is_set():
             return members, buffers, None
