@@ -2,8 +2,8 @@
 # The GPU figures of the README, under Keras' JAX backend: replay of the reference MLP (reading
 # on the replay's thread, then on 4 reader processes) and of the compute-bound CNN against the
 # one-program floor, reads beside a busy thread, and the callback's training overhead.
-# Writes bench-out/{mlp,mlp-readers,cnn,callback,read}.{json,log}, the MLP (whose target was
-# not met before) first, so that a run cut short by a time limit keeps it. Arguments scale it
+# Writes bench-out/{mlp,mlp-readers,cnn,callback,read}.{json,log}, the MLP (whose target is
+# not met yet) first, so that a run cut short by a time limit keeps it. Arguments scale it
 # down for a smoke run:
 #   scripts/bench_gpu.sh [OUT_DIR] [MLP_EXAMPLES] [CNN_EXAMPLES] [CALLBACK_EXAMPLES] [REPS]
 set -uo pipefail
