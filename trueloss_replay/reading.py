@@ -201,7 +201,7 @@ class Readers:
                 "may be damaged.",
                 path=path,
                 checkpoint=path.name,
-                hint="Delete it or replay the others with epochs=.",
+                hint=runfmt.DAMAGED_HINT,
             ) from None
         if error is not None:
             raise error

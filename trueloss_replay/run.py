@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import json
 import math
 import os
@@ -495,7 +496,7 @@ def read_weights(
             "written for this model.",
             path=path,
             checkpoint=path.name,
-            hint=_DAMAGED_HINT,
+            hint=DAMAGED_HINT,
         ) from e
     except (OSError, KeyError, ValueError, TypeError) as e:
         raise _unreadable(path, e) from e
@@ -638,14 +639,10 @@ def _read_exact_open(fid, wanted, into) -> dict[str, np.ndarray] | None:
     return {key: arrays[key] for key in file_keys}
 
 
-_HDF5_TYPES: dict[np.dtype, Any] = {}
-
-
+@functools.cache
 def _hdf5_type(dtype: np.dtype):
     """The HDF5 type h5py stores numpy's ``dtype`` as."""
-    if dtype not in _HDF5_TYPES:
-        _HDF5_TYPES[dtype] = h5py.h5t.py_create(dtype)
-    return _HDF5_TYPES[dtype]
+    return h5py.h5t.py_create(dtype)
 
 
 def _index_attribute(dataset, default: int) -> int | None:
@@ -664,7 +661,7 @@ def _index_attribute(dataset, default: int) -> int | None:
 
 
 #: What to do about a damaged checkpoint, in every message that says one is.
-_DAMAGED_HINT = "Delete it or replay the others with epochs=."
+DAMAGED_HINT = "Delete it or replay the others with epochs=."
 
 
 def _unreadable(path: Path, error: Exception) -> RunFormatError:
@@ -672,7 +669,7 @@ def _unreadable(path: Path, error: Exception) -> RunFormatError:
         f"checkpoint {path} cannot be read ({' '.join(str(error).split())}). It is damaged;",
         path=path,
         checkpoint=path.name,
-        hint=_DAMAGED_HINT[0].lower() + _DAMAGED_HINT[1:],
+        hint=DAMAGED_HINT[0].lower() + DAMAGED_HINT[1:],
     )
 
 

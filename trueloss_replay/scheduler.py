@@ -840,19 +840,12 @@ def _stacked_loop(ctx: _Context, work: queue.Queue, size: int) -> None:
     def stage(read: concurrent.futures.Future) -> tuple[list, list[np.ndarray] | None, Any]:
         """A group read by ``gather``, its weights put on the device: the copy (10 MB for 8
         checkpoints of the reference MLP, a millisecond or two) is not made by the thread
-        that drives the device. A ``TruelossReplayError`` is returned in place of the
-        weights, for the group's turn to deal with, as one from starting its programs; any
-        other error (``stage_stack`` does not translate the backend's) stops the replay, as
-        it did when the main thread staged."""
+        that drives the device. An error here (``stage_stack`` does not translate the
+        backend's) stops the replay, as it did when the main thread staged."""
         members, buffers = read.result()
         if not members or ctx.stopping.is_set():
             return members, buffers, None
-        try:
-            return members, buffers, evaluator.stage_stack(buffers, len(members))
-        except DataError:
-            raise
-        except TruelossReplayError as e:
-            return members, buffers, e
+        return members, buffers, evaluator.stage_stack(buffers, len(members))
 
     def upcoming_group() -> concurrent.futures.Future:
         return stager.submit(stage, reader.submit(gather))
@@ -925,11 +918,8 @@ class _Group:
 
 def _start(ctx: _Context, group: _Group, staged: Any) -> None:
     """The group's programs started on its weights as ``stage_stack`` put them on the
-    device (``staged``; or the error that kept them from it)."""
+    device (``staged``)."""
     evaluator = ctx.evaluator
-    if isinstance(staged, TruelossReplayError):
-        group.error = staged  # dealt with when the group's turn comes (``_finish``)
-        return
     try:
         group.started = evaluator.dispatch_stacked(
             ctx.splits, group.batch, staged, len(group.members), ctx.progress.advance
