@@ -873,6 +873,48 @@ class _Floor:
         return time.perf_counter() - start
 
 
+class _StackedPrograms:
+    """Replay's own programs with nothing around them: the weights of one group of
+    checkpoints (``stack_size`` of ``checkpoints``, as ``replay`` groups them) put on the
+    device once; each ``run`` is one ``evaluate_stacked`` of train and val (the stacked
+    programs, the read-back, the float64 sums and the metric results), with no reading,
+    staging or writing. Replay's steady cost over this is what the pipeline around the
+    programs costs; this over the floor is what stacking checkpoints and turning outputs into
+    figures cost. Compiled outside the timing.
+    """
+
+    def __init__(self, run_dir: Path, batch_size: int, checkpoints: int):
+        from trueloss_replay import engine
+        from trueloss_replay import run as runfmt
+        from trueloss_replay.backends import resolve_devices
+        from trueloss_replay.data import resolve_splits
+
+        run = runfmt.Run(run_dir)
+        device = resolve_devices("auto")[0]
+        self.evaluator = evaluator = engine.Evaluator(engine.load_model(run), device)
+        self.splits = splits = resolve_splits(run)
+        self.batch_size = batch_size
+        group = run.checkpoints()[: evaluator.stack_size(splits, checkpoints)]
+        self.size = len(group)
+        buffers = evaluator.host_stack(self.size)
+        for slot, checkpoint in enumerate(group):
+            runfmt.read_weights_into(
+                checkpoint.path,
+                evaluator.file_signature(checkpoint.path),
+                evaluator.slot_views(buffers, slot),
+            )
+        self.params = evaluator.stage_stack(buffers, self.size)
+        start = time.perf_counter()
+        self.run()
+        self.compile_seconds = time.perf_counter() - start
+
+    def run(self) -> float:
+        """Seconds per checkpoint of one group."""
+        start = time.perf_counter()
+        self.evaluator.evaluate_stacked(self.splits, self.batch_size, self.params, self.size)
+        return (time.perf_counter() - start) / self.size
+
+
 def _replay_profile(run_dir: Path, floors: dict[str, _Floor], batch_size: int, reps: int):
     """Where one checkpoint's time goes, through the engine's public API, next to the floors.
 
@@ -955,12 +997,14 @@ _REPLAY_VARIANTS = (
     "reused",
     "naive",
     "floor",
+    "stacked programs",
     "per-batch floor",
 )
 _SKIPPABLE = {
     "replay-1": "replay 1",
     "reused": "reused",
     "naive": "naive",
+    "stacked-programs": "stacked programs",
     "per-batch-floor": "per-batch floor",
 }
 
@@ -995,13 +1039,19 @@ _SKIPPABLE = {
     help="Variants not to run (repeatable); naive costs seconds per checkpoint on a GPU.",
 )
 @click.option(
+    "--stack-max",
+    type=click.IntRange(min=1),
+    help="Most checkpoints per program call (engine.STACK_MAX, default "
+    "8): for comparing group sizes on a device.",
+)
+@click.option(
     "--profile/--no-profile",
     default=False,
     show_default=True,
     help="Also profile where a checkpoint's time goes in the engine.",
 )
 @_json_option
-def replay_command(k, reps, workload, examples, batch_size, skip, profile, json_path):
+def replay_command(k, reps, workload, examples, batch_size, skip, stack_max, profile, json_path):
     """Replay seconds per checkpoint against the one-program floor, a reused model and a loop.
 
     On a run folder of 2K checkpoints (the initial weights and 2K-1 one-epoch fits on a few
@@ -1018,6 +1068,9 @@ def replay_command(k, reps, workload, examples, batch_size, skip, profile, json_
                        train and val at the default batch size (32)
       floor            the forward pass alone as one compiled program per split looping
                        over the batches already on the device (backend.compile_loop)
+      stacked programs replay's own programs alone: evaluate_stacked of one group of
+                       checkpoints whose weights are already on the device (no reading,
+                       staging or writing), per checkpoint
       per-batch floor  the same forward pass, one compiled call per batch from Python
 
     An untimed replay of one checkpoint runs first, so that the process's one-time costs
@@ -1039,6 +1092,10 @@ def replay_command(k, reps, workload, examples, batch_size, skip, profile, json_
     """
     import resource
 
+    from trueloss_replay import engine
+
+    if stack_max is not None:
+        engine.STACK_MAX = stack_max
     spec = WORKLOADS[workload]
     batch_size = batch_size or spec.batch_size
     info = machine_info()
@@ -1057,6 +1114,12 @@ def replay_command(k, reps, workload, examples, batch_size, skip, profile, json_
             for name in ("floor", "per-batch floor")
             if name not in skipped
         }
+        stacked = (
+            None if "stacked programs" in skipped else _StackedPrograms(run_dir, batch_size, 2 * k)
+        )
+        compile_s = {name: f.compile_seconds for name, f in floors.items()}
+        if stacked is not None:
+            compile_s["stacked programs"] = stacked.compile_seconds
         variants: dict[str, Callable[[], Any]] = {
             "replay K": lambda: _timed_replay(run_dir, f"0-{k - 1}", batch_size),
             "replay 2K": lambda: _timed_replay(run_dir, None, batch_size),
@@ -1067,6 +1130,10 @@ def replay_command(k, reps, workload, examples, batch_size, skip, profile, json_
                 name: lambda floor=floor: [floor.run() for _ in range(k)]
                 for name, floor in floors.items()
             },
+            # As many groups as cover K checkpoints: about as long as the floor's K passes.
+            "stacked programs": lambda: [
+                stacked.run() for _ in range(-(-k // (stacked.size if stacked else 1)))
+            ],
         }
         variants = {name: variants[name] for name in _REPLAY_VARIANTS if name not in skipped}
         # JAX compiles every eager op once per process (model loading, the evaluator's build
@@ -1085,7 +1152,7 @@ def replay_command(k, reps, workload, examples, batch_size, skip, profile, json_
     info["loadavg_end"] = os.getloadavg()
     info["ru_maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    summary = _replay_summary(raw, k, {name: f.compile_seconds for name, f in floors.items()})
+    summary = _replay_summary(raw, k, compile_s)
     summary["memory"] = memory
     summary["warmup_replay_one_wall"] = warmup["wall"]
     summary["target_steady_over_floor"] = _floor_target(info)
@@ -1098,6 +1165,8 @@ def replay_command(k, reps, workload, examples, batch_size, skip, profile, json_
         "batch_size": batch_size,
         "reps": reps,
         "skipped": sorted(skipped),
+        "stack_max": engine.STACK_MAX,
+        "stacked_group": stacked.size if stacked is not None else None,
         "order": "rotated each rep",
         "checkpoints_from": f"initial weights + K-1 one-epoch fits on "
         f"{min(examples, spec.fit_examples)} examples",
@@ -1161,7 +1230,7 @@ def _replay_summary(raw: dict[str, list[Any]], k: int, compile_s: dict[str, floa
             "incl_setup_per_rep": [sum(t) / k for t in raw["naive"]],
             "setup": 0.0,
         }
-    for name in ("floor", "per-batch floor"):
+    for name in ("floor", "stacked programs", "per-batch floor"):
         if name in raw:
             passes = [median(times) for times in raw[name]]
             rows[name] = {
@@ -1195,6 +1264,17 @@ def _replay_summary(raw: dict[str, list[Any]], k: int, compile_s: dict[str, floa
                 )
             ]
         )
+    if "stacked programs" in rows:
+        summary["replay_steady_over_stacked_programs"] = median(
+            [
+                a / b
+                for a, b in zip(
+                    rows["replay"]["steady_per_rep"],
+                    rows["stacked programs"]["steady_per_rep"],
+                    strict=True,
+                )
+            ]
+        )
     if "replay 1" in raw:
         summary["replay_k_over_k_times_one"] = median(
             [
@@ -1214,13 +1294,16 @@ def _print_replay(summary, info, config, profile) -> None:
         "reused": f"one model reused, evaluate at batch {batch}",
         "naive": "naive loop: load_model + evaluate, batch 32",
         "floor": f"floor: forward pass, one compiled program, batch {batch}",
+        "stacked programs": f"replay's programs alone, {config['stacked_group']} staged "
+        f"checkpoints per call, batch {batch}",
         "per-batch floor": f"per-batch floor: one compiled call per batch, batch {batch}",
     }
     click.echo("")
     click.echo(
         f"replay, {config['workload']}: {config['model']}; {k} checkpoints, "
         f"{config['train_examples']} train + {config['val_examples']} val examples, "
-        f"{config['reps']} reps, rotated order; medians"
+        f"{config['reps']} reps, rotated order; medians; at most {config['stack_max']} "
+        "checkpoints per program call"
         + (f"; skipped: {', '.join(config['skipped'])}" if config["skipped"] else "")
     )
     print_machine_info(info)
@@ -1253,6 +1336,14 @@ def _print_replay(summary, info, config, profile) -> None:
         ["replay steady / floor", summary["replay_steady_over_floor"], f"<= {target} ({where})"],
         ["replay incl. setup / floor", summary["replay_incl_setup_over_floor"], ""],
     ]
+    if "replay_steady_over_stacked_programs" in summary:
+        figures.append(
+            [
+                "replay steady / replay's programs alone (the pipeline's cost)",
+                summary["replay_steady_over_stacked_programs"],
+                "",
+            ]
+        )
     if "naive_over_replay_incl_setup" in summary:
         figures.append(["naive / replay, incl. setup", summary["naive_over_replay_incl_setup"], ""])
     if "replay_k_over_k_times_one" in summary:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU figures of the README, under Keras' JAX backend: replay of the reference MLP (reading
-# on the replay's thread, then on 4 reader processes) and of the compute-bound CNN against the
-# one-program floor, reads beside a busy thread, and the callback's training overhead.
-# Writes bench-out/{mlp,mlp-readers,cnn,callback,read}.{json,log}, the MLP (whose target is
+# The GPU figures of the README, under Keras' JAX backend: replay of the reference MLP and of
+# the compute-bound CNN against the one-program floor and against replay's own programs alone
+# (the pipeline's cost), the MLP again at up to 16 checkpoints per program call, the
+# callback's training overhead, and reads beside a busy thread.
+# Writes bench-out/{mlp,mlp-stack16,cnn,callback,read}.{json,log}, the MLP (whose target is
 # not met yet) first, so that a run cut short by a time limit keeps it. Arguments scale it
 # down for a smoke run:
 #   scripts/bench_gpu.sh [OUT_DIR] [MLP_EXAMPLES] [CNN_EXAMPLES] [CALLBACK_EXAMPLES] [REPS]
@@ -28,11 +29,13 @@ run() {  # name, then the bench arguments
 }
 # K = 20 for the MLP: replay 2K makes five groups of 8, whose middle three give the steady cost
 # (a group of the MLP is about 12 ms on an H200, one alone is noisy); K = 12 for the CNN: three
-# groups of 8, the middle one about 0.5 s.
-run mlp replay --workload mlp --examples "$mlp" --k 20 --reps "$reps" --skip naive
-# The same replay reading on 4 reader processes: does taking the reads off the GIL win here?
-TRUELOSS_REPLAY_READERS=4 run mlp-readers replay --workload mlp --examples "$mlp" --k 20 \
-  --reps "$reps" --skip naive --skip reused
+# groups of 8, the middle one about 0.5 s. --profile says where a group's time goes (reading,
+# staging, the programs and read-back), so that a miss says which part to work on.
+run mlp replay --workload mlp --examples "$mlp" --k 20 --reps "$reps" --skip naive --profile
+# Up to 16 checkpoints per program call: half the calls, read-backs and metric-result calls
+# (K = 32: four groups of 16, the middle two steady).
+run mlp-stack16 replay --workload mlp --examples "$mlp" --k 32 --reps "$reps" --skip naive \
+  --skip reused --stack-max 16
 run cnn replay --workload cnn --examples "$cnn" --k 12 --reps "$reps" --skip naive
 run callback callback --examples "$cb" --epochs 4 --reps "$reps" \
   --variant ReplayCheckpoint --variant ModelCheckpoint
