@@ -328,6 +328,74 @@ def test_out_of_memory_on_a_dataset_does_not_shrink_the_array_batch(tmp_path):
     assert len(caught) == 2  # train: 100 -> 50 -> 25, and no further for val's sake
 
 
+class DeviceWithRoomFor:
+    """Our backend's weight transfer (``to_device_many``) on a pretend device with room for
+    ``room`` bytes of weights at once: a larger transfer fails with the error a full GPU
+    gives. The data's own transfers are left alone. Counts the refusals, so that a test
+    knows the device was really full."""
+
+    def __init__(self, monkeypatch, room: float):
+        from trueloss_replay.backends import get_backend
+
+        backend = get_backend()
+        self.room, self.refused, self.real = room, 0, backend.to_device_many
+        monkeypatch.setattr(backend, "to_device_many", self)
+
+    def __call__(self, values, device):
+        if sum(np.asarray(v).nbytes for v in values) > self.room:
+            self.refused += 1
+            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while trying to allocate.")
+        return self.real(values, device)
+
+
+def _checkpoint_bytes(model) -> int:
+    return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.weights)
+
+
+def test_a_group_whose_weights_do_not_fit_goes_one_checkpoint_at_a_time(
+    run_copy, trained_run, replay_results, monkeypatch
+):
+    device = DeviceWithRoomFor(monkeypatch, room=1.5 * _checkpoint_bytes(trained_run.model))
+    history = replay(run_copy)
+    assert device.refused >= 1, "the group's weights were never refused: nothing was tested"
+    results = {p.stem: json.loads(p.read_text()) for p in (run_copy / "replay/results").glob("*")}
+    assert sorted(results) == sorted(n.removesuffix(".h5") for n in replay_results)
+    for name, expected in replay_results.items():
+        result = results[name.removesuffix(".h5")]
+        assert result["stacked"] == 1  # each on its own
+        for split in ("train", "val"):
+            for key, value in expected[split].items():
+                assert result[split][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (name, key)
+    assert history.history["loss"] == [
+        results[f"e{e:04d}"]["train"]["loss"] for e in range(1, len(history.history["loss"]) + 1)
+    ]
+
+
+@pytest.mark.parametrize(
+    "how",
+    [{}, {"epochs": "2"}, {"data_major": True}],
+    ids=["stacked", "one-checkpoint", "data-major"],
+)
+def test_weights_that_do_not_fit_the_device_fail_each_checkpoint_clearly(
+    run_copy, trained_run, monkeypatch, how
+):
+    device = DeviceWithRoomFor(monkeypatch, room=0.5 * _checkpoint_bytes(trained_run.model))
+    checkpoints = sorted(p.name for p in (run_copy / "checkpoints").glob("*.h5"))
+    if "epochs" in how:
+        checkpoints = ["e0002.h5"]
+    with pytest.raises(ReplayIncompleteError) as caught:
+        replay(run_copy, **how)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert device.refused >= len(checkpoints)
+    for name in checkpoints:
+        assert f"{name} (" in message
+    assert f"{len(checkpoints)} checkpoint(s)" in message
+    assert "ran out of memory putting the weights" in message
+    assert "replay on another device with devices=" in message
+    assert not list((run_copy / "replay" / "results").glob("*.json"))
+
+
 # --------------------------------------------------------------------------- untrusted files
 
 

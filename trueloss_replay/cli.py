@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from trueloss_replay.errors import TruelossReplayError, command_line_text
+from trueloss_replay.errors import TruelossReplayError, command_line_text, size_text
 from trueloss_replay.storage import is_url
 
 # TensorFlow's C++ start-up lines (no CUDA driver, CPU instructions, XLA) are noise on a
@@ -467,7 +467,7 @@ def _checkpoint_table(description):
             c.name,
             str(c.epoch),
             "–" if c.step is None else str(c.step),
-            "–" if c.size is None else _size(c.size),
+            "–" if c.size is None else size_text(c.size),
             _number(c.reported_loss),
             "yes" if c.replayed else "no",
         ]
@@ -477,14 +477,6 @@ def _checkpoint_table(description):
             cells[0] += " [red](unreadable)[/red]"
         table.add_row(*cells)
     return table
-
-
-def _size(size: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return str(size)
 
 
 # --------------------------------------------------------------------------- export

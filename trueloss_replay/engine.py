@@ -58,7 +58,7 @@ from trueloss_replay.data import (
     put_cwd_on_path,
     take,
 )
-from trueloss_replay.errors import DataError, EvaluationError, ModelLoadError
+from trueloss_replay.errors import DataError, EvaluationError, ModelLoadError, size_text
 from trueloss_replay.sampling import SE_SUFFIX, ratio_standard_error
 
 DEFAULT_BATCH_SIZE = 2048
@@ -341,6 +341,7 @@ class Evaluator:
 
         Raises:
             CheckpointMismatchError: the weights do not fit the model.
+            EvaluationError: the device has no room for them (``out_of_memory``).
         """
         keys = runfmt.check_signature(self.signature, weights, source)
         arrays = [weights[k] for k in keys]
@@ -460,15 +461,24 @@ class Evaluator:
     def stage_stack(self, buffers: Sequence[np.ndarray], count: int) -> Params:
         """The first ``count`` slots of ``host_stack``'s buffers on this device, stacked; the
         slots after them repeat the first (a group that is not full is padded, so the
-        program keeps its shape; their figures are never read)."""
+        program keeps its shape; their figures are never read).
+
+        Raises:
+            EvaluationError: the device has no room for them (``out_of_memory``; one
+                checkpoint at a time, ``load_slot``, may still fit).
+        """
         for buffer in buffers:
             buffer[count:] = buffer[:1]
-        return self._params_of(self.backend.to_device_many(list(buffers), self.device))
+        what = f"the weights of {count} checkpoints" if count > 1 else "the weights"
+        return self._params_of(self._put(list(buffers), what))
 
     def load_slot(self, buffers: Sequence[np.ndarray], slot: int) -> None:
-        """Makes slot ``slot`` of ``host_stack``'s buffers the weights ``evaluate`` uses."""
-        placed = self.backend.to_device_many([b[slot, ...] for b in buffers], self.device)
-        self._params = self._params_of(placed)
+        """Makes slot ``slot`` of ``host_stack``'s buffers the weights ``evaluate`` uses.
+
+        Raises:
+            EvaluationError: the device has no room for them (``out_of_memory``).
+        """
+        self._params = self._params_of(self._put([b[slot, ...] for b in buffers], "the weights"))
 
     def evaluate_stacked(
         self,
@@ -573,7 +583,23 @@ class Evaluator:
         ordered = self._ordered()
         arrays = [by_id.get(id(v)) for v in ordered]
         arrays = [np.asarray(v) if a is None else a for a, v in zip(arrays, ordered, strict=True)]
-        return self._params_of(self.backend.to_device_many(arrays, self.device))  # one call
+        return self._params_of(self._put(arrays, "the weights"))
+
+    def _put(self, arrays: list[np.ndarray], what: str) -> list[Any]:
+        """``arrays`` on this device in one transfer call; a device without room for them is
+        an ``EvaluationError`` (``out_of_memory``, no split) that says so, not the
+        backend's own error."""
+        try:
+            return self.backend.to_device_many(arrays, self.device)
+        except Exception as e:  # noqa: BLE001
+            if not self.backend.is_out_of_memory(e):
+                raise
+            size = size_text(sum(a.nbytes for a in arrays))
+            raise EvaluationError(
+                f"{self.device} ran out of memory putting {what} ({size}) on it; free "
+                "memory on it (other processes) or replay on another device with devices=.",
+                out_of_memory=True,
+            ) from e
 
     @property
     def signature(self) -> list[list[Any]]:

@@ -166,6 +166,15 @@ class EvaluationError(TruelossReplayError, RuntimeError):
         self.split = split
 
 
+def size_text(size: float) -> str:
+    """A byte count as people read it: ``512 B``, ``1.2 MiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(size)
+
+
 def _one_line(text: Any) -> str:
     return " ".join(str(text).split())
 

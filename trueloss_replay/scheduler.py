@@ -840,12 +840,16 @@ def _stacked_loop(ctx: _Context, work: queue.Queue, size: int) -> None:
     def stage(read: concurrent.futures.Future) -> tuple[list, list[np.ndarray] | None, Any]:
         """A group read by ``gather``, its weights put on the device: the copy (10 MB for 8
         checkpoints of the reference MLP, a millisecond or two) is not made by the thread
-        that drives the device. An error here (``stage_stack`` does not translate the
-        backend's) stops the replay, as it did when the main thread staged."""
+        that drives the device. Returns the members, their buffers and the staged weights,
+        or the ``EvaluationError`` of a device without room for them (dealt with in the
+        group's turn: one checkpoint at a time may fit)."""
         members, buffers = read.result()
         if not members or ctx.stopping.is_set():
             return members, buffers, None
-        return members, buffers, evaluator.stage_stack(buffers, len(members))
+        try:
+            return members, buffers, evaluator.stage_stack(buffers, len(members))
+        except EvaluationError as e:
+            return members, buffers, e
 
     def upcoming_group() -> concurrent.futures.Future:
         return stager.submit(stage, reader.submit(gather))
@@ -918,8 +922,11 @@ class _Group:
 
 def _start(ctx: _Context, group: _Group, staged: Any) -> None:
     """The group's programs started on its weights as ``stage_stack`` put them on the
-    device (``staged``)."""
+    device (``staged``; or the error that kept them off it)."""
     evaluator = ctx.evaluator
+    if isinstance(staged, EvaluationError):
+        group.error = staged
+        return
     try:
         group.started = evaluator.dispatch_stacked(
             ctx.splits, group.batch, staged, len(group.members), ctx.progress.advance
@@ -932,9 +939,10 @@ def _start(ctx: _Context, group: _Group, staged: Any) -> None:
 
 def _finish(ctx: _Context, group: _Group) -> list | None:
     """A started group's figures, per checkpoint. If it failed: when the device ran out of
-    memory, the group again at half the batch size (``ctx.evaluate``); otherwise, or if that
-    fails too, one checkpoint at a time, so that an error (a numeric check tripped by one
-    checkpoint's weights) stays with its checkpoint; then None (those were reported)."""
+    memory running it, the group again at half the batch size (``ctx.evaluate``); otherwise
+    (its weights did not fit on the device, say), or if that fails too, one checkpoint at a
+    time, so that an error (a numeric check tripped by one checkpoint's weights) stays with
+    its checkpoint; then None (those were reported)."""
     evaluator = ctx.evaluator
     error = group.error
     if group.started is not None:
@@ -944,7 +952,9 @@ def _finish(ctx: _Context, group: _Group) -> list | None:
             raise
         except TruelossReplayError as e:
             error = e
-    if isinstance(error, EvaluationError) and error.out_of_memory:
+    # Out of memory running the programs (not staging them, which has no split): the group
+    # again at smaller batches.
+    if isinstance(error, EvaluationError) and error.out_of_memory and error.split is not None:
         try:
             params = evaluator.stage_stack(group.buffers, len(group.members))
             outcome = ctx.evaluate(
