@@ -37,6 +37,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 REPLAY_MLP = ["replay", "--examples", "400", "--k", "2", "--reps", "1"]
 REPLAY_CNN = ["replay", "--workload", "cnn", "--examples", "64", "--batch-size", "32"]
 REPLAY_CNN += ["--k", "2", "--reps", "1", "--skip", "naive", "--skip", "reused"]
+REPLAY_CNN += ["--stack-max", "3"]  # 2K = 4 checkpoints: groups of 2
 CALLBACK = ["callback", "--examples", "400", "--epochs", "2", "--reps", "1"]
 SAMPLE = ["sample", "--examples", "400", "--k", "2", "--reps", "1", "--train-sample", "100"]
 DATAMAJOR = ["datamajor", "--examples", "400", "--k", "2", "--reps", "1", "--delay", "0.001"]
@@ -50,6 +51,7 @@ ONLY_REPLAY_CHECKPOINT = ["--variant", "ReplayCheckpoint"]
 MAY_BE_NOISE = {
     ("summary", "replay_steady_over_floor"),
     ("summary", "per_checkpoint", "replay", "steady"),
+    ("summary", "replay_steady_over_stacked_programs"),
 }
 FIGURES = {
     "replay": [
@@ -60,6 +62,8 @@ FIGURES = {
         ("summary", "per_checkpoint", "replay", "incl_setup"),
         ("summary", "per_checkpoint", "floor", "steady"),
         ("summary", "per_checkpoint", "per-batch floor", "steady"),
+        ("summary", "per_checkpoint", "stacked programs", "steady"),
+        ("summary", "replay_steady_over_stacked_programs"),
         ("summary", "memory", "replay K", "tracemalloc_peak_bytes"),
         ("summary", "memory", "replay 1", "checkpoints_alive_peak"),
     ],
@@ -135,3 +139,8 @@ def test_bench_subcommand_runs_and_writes_json(backend, args, tmp_path):
         assert {"replay K", "floor"} <= set(payload["raw"])
         assert not skipped & set(payload["raw"])
         assert ("naive_over_replay_incl_setup" in payload["summary"]) == ("naive" not in skipped)
+        # Replay's programs alone take the groups replay makes: of 2K, at most --stack-max.
+        limit = int(args[args.index("--stack-max") + 1]) if "--stack-max" in args else 8
+        assert payload["config"]["stack_max"] == limit
+        k = int(args[args.index("--k") + 1])
+        assert payload["config"]["stacked_group"] == -(-2 * k // -(-2 * k // limit))
