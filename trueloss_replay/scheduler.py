@@ -776,10 +776,11 @@ def _stacked_loop(ctx: _Context, work: queue.Queue, size: int) -> None:
     the host would otherwise dominate: a program call per split and batch shape, a read-back,
     a file read, a result written. Here the groups form a pipeline: while the device runs a
     group, the host reads the next one (straight into its stacked host buffers, on a reader
-    thread) and puts its weights on the device (on a staging thread), starts it, and only
-    then waits for the group before and turns its outputs into figures; results are written
-    on a writer thread. A group's figures are each checkpoint's own, as one at a time; a
-    result's ``seconds`` is its group's share of the wall time.
+    thread that goes on to the one after while a staging thread puts the weights on the
+    device), starts it, and only then waits for the group before and turns its outputs into
+    figures; results are written on a writer thread. A group's figures are each
+    checkpoint's own, as one at a time; a result's ``seconds`` is its group's share of the
+    wall time.
 
     After Ctrl-C (``ctx.stopping``) a group already read is not started; the groups running
     finish and are written. An error that stops the loop still writes the group whose
@@ -787,7 +788,7 @@ def _stacked_loop(ctx: _Context, work: queue.Queue, size: int) -> None:
     """
     evaluator = ctx.evaluator
     # Three sets of stacked buffers, taken in turn: the group read back, the one running,
-    # the one being read (``gather`` fills set g % 3 only once group g - 3 is written).
+    # the one being read (``gather`` fills set g % 3 only once group g - 3 is read back).
     stacks: list[list[np.ndarray]] = []
     turn = itertools.count()
 
@@ -886,12 +887,16 @@ def _stacked_loop(ctx: _Context, work: queue.Queue, size: int) -> None:
         while True:
             current = None
             try:
+                # The next group is read while this one is staged and evaluated, so that
+                # the reader never waits for the staging (it would add the staging's time
+                # to every group's): at most three groups' weights in host memory per
+                # device (the one read back, kept to evaluate again should it fail; the one
+                # running; the one being read, into the buffers of the group before last,
+                # whose figures are in). After the last group it reads nothing.
+                following = upcoming_group()
                 members, buffers, staged = upcoming.result()
+                upcoming = following
                 if members and not ctx.stopping.is_set():
-                    # Read the next group while this one evaluates: at most three groups'
-                    # weights in host memory per device (the one read back, kept to evaluate
-                    # again should it fail; the one running; the one being read).
-                    upcoming = upcoming_group()
                     current = _Group(members, buffers, ctx.batch)
                     _start(ctx, current, staged)
             except BaseException:
