@@ -6,6 +6,8 @@ import contextlib
 import json
 import resource
 import signal
+import threading
+import weakref
 
 import h5py
 import keras
@@ -330,22 +332,34 @@ def test_out_of_memory_on_a_dataset_does_not_shrink_the_array_batch(tmp_path):
 
 class DeviceWithRoomFor:
     """Our backend's weight transfer (``to_device_many``) on a pretend device with room for
-    ``room`` bytes of weights at once: a larger transfer fails with the error a full GPU
-    gives. The data's own transfers are left alone. Counts the refusals, so that a test
-    knows the device was really full."""
+    ``room`` bytes of weights at once, counting those still there (placed and not yet
+    freed): a transfer beyond that fails with the error a full GPU gives. The data's own
+    transfers are left alone. Counts the refusals, so that a test knows the device was
+    really full."""
 
     def __init__(self, monkeypatch, room: float):
         from trueloss_replay.backends import get_backend
 
         backend = get_backend()
-        self.room, self.refused, self.real = room, 0, backend.to_device_many
+        self.room, self.refused, self.held, self.real = room, 0, 0, backend.to_device_many
+        self.lock = threading.Lock()
         monkeypatch.setattr(backend, "to_device_many", self)
 
     def __call__(self, values, device):
-        if sum(np.asarray(v).nbytes for v in values) > self.room:
-            self.refused += 1
-            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while trying to allocate.")
-        return self.real(values, device)
+        sizes = [np.asarray(v).nbytes for v in values]
+        with self.lock:
+            if self.held + sum(sizes) > self.room:
+                self.refused += 1
+                raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while trying to allocate.")
+            self.held += sum(sizes)
+        placed = self.real(values, device)
+        for array, size in zip(placed, sizes, strict=True):
+            weakref.finalize(array, self._free, size)
+        return placed
+
+    def _free(self, size: int) -> None:
+        with self.lock:
+            self.held -= size
 
 
 def _checkpoint_bytes(model) -> int:
@@ -357,18 +371,36 @@ def test_a_group_whose_weights_do_not_fit_goes_one_checkpoint_at_a_time(
 ):
     device = DeviceWithRoomFor(monkeypatch, room=1.5 * _checkpoint_bytes(trained_run.model))
     history = replay(run_copy)
-    assert device.refused >= 1, "the group's weights were never refused: nothing was tested"
-    results = {p.stem: json.loads(p.read_text()) for p in (run_copy / "replay/results").glob("*")}
-    assert sorted(results) == sorted(n.removesuffix(".h5") for n in replay_results)
-    for name, expected in replay_results.items():
-        result = results[name.removesuffix(".h5")]
-        assert result["stacked"] == 1  # each on its own
-        for split in ("train", "val"):
-            for key, value in expected[split].items():
-                assert result[split][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (name, key)
+    # The group's stacked weights, once: then one checkpoint at a time, each leaving the
+    # device before the next comes (not at half the batch size, which needs the same room).
+    assert device.refused == 1
+    results = _results_match_keras(run_copy, replay_results)
+    assert all(result["stacked"] == 1 for result in results.values())  # each on its own
     assert history.history["loss"] == [
         results[f"e{e:04d}"]["train"]["loss"] for e in range(1, len(history.history["loss"]) + 1)
     ]
+
+
+def test_data_major_evaluates_the_checkpoints_the_device_has_room_for(
+    run_copy, trained_run, replay_results, monkeypatch
+):
+    # Room for two checkpoints' weights: the groups of data-major replay shrink to two.
+    device = DeviceWithRoomFor(monkeypatch, room=2.5 * _checkpoint_bytes(trained_run.model))
+    replay(run_copy, data_major=True)
+    assert device.refused >= 1, "the device was never full: nothing was tested"
+    _results_match_keras(run_copy, replay_results)
+
+
+def _results_match_keras(run_dir, replay_results) -> dict[str, dict]:
+    """Every checkpoint's result file, each figure Keras' own (``replay_results``)."""
+    results = {p.stem: json.loads(p.read_text()) for p in (run_dir / "replay/results").glob("*")}
+    assert sorted(results) == sorted(n.removesuffix(".h5") for n in replay_results)
+    for name, expected in replay_results.items():
+        result = results[name.removesuffix(".h5")]
+        for split in ("train", "val"):
+            for key, value in expected[split].items():
+                assert result[split][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (name, key)
+    return results
 
 
 @pytest.mark.parametrize(

@@ -69,6 +69,8 @@ DEVICE_CACHE_BYTES = 2 * 1024**3
 # weights stacked (at most STACK_BYTES of them): one dispatch, one read-back per group.
 STACK_BYTES = 64 * 1024**2
 STACK_MAX = 8
+# ``Evaluator._params`` after a load that failed: nothing to evaluate at.
+_UNLOADED: Any = object()
 
 
 # --------------------------------------------------------------------------- model
@@ -355,7 +357,10 @@ class Evaluator:
         """Makes a checkpoint's weights (already read) the ones ``evaluate`` uses.
 
         The model's variables are not assigned: the weights are arguments of the program.
+        The weights loaded before leave the device first, so that it needs room for one
+        checkpoint's, not two; after a load that failed, ``evaluate`` refuses to run.
         """
+        self._params = _UNLOADED
         self._params = self.stage(weights, source)
 
     def evaluate(
@@ -478,6 +483,7 @@ class Evaluator:
         Raises:
             EvaluationError: the device has no room for them (``out_of_memory``).
         """
+        self._params = _UNLOADED  # as in ``load``: the weights before leave the device first
         self._params = self._params_of(self._put([b[slot, ...] for b in buffers], "the weights"))
 
     def evaluate_stacked(
@@ -572,6 +578,8 @@ class Evaluator:
         return list(placed[:split]), list(placed[split:])
 
     def _current(self) -> Params:
+        if self._params is _UNLOADED:  # never the model's own weights in its place
+            raise RuntimeError("the last load of weights failed: load a checkpoint first")
         if self._params is None:  # nothing loaded: the weights the model holds
             self._params = self._place({id(v): np.asarray(v) for v in self.model.weights})
         return self._params
@@ -596,8 +604,8 @@ class Evaluator:
                 raise
             size = size_text(sum(a.nbytes for a in arrays))
             raise EvaluationError(
-                f"{self.device} ran out of memory putting {what} ({size}) on it; free "
-                "memory on it (other processes) or replay on another device with devices=.",
+                f"{self.device} ran out of memory putting {what} ({size}) on it; stop "
+                "other processes that use it, or replay on another device with devices=.",
                 out_of_memory=True,
             ) from e
 

@@ -791,6 +791,12 @@ def _stacked_loop(ctx: _Context, work: queue.Queue, size: int) -> None:
     # the one being read (``gather`` fills set g % 3 only once group g - 3 is read back).
     stacks: list[list[np.ndarray]] = []
     turn = itertools.count()
+    # Set when the loop stops on an error: a group read ahead takes no more checkpoints from
+    # the queue (another device's worker evaluates them).
+    halted = threading.Event()
+
+    def stopped() -> bool:
+        return ctx.stopping.is_set() or halted.is_set()
 
     def gather() -> tuple[list, list[np.ndarray] | None]:
         """The next group: up to ``size`` checkpoints read into the next set of buffers, in
@@ -802,7 +808,7 @@ def _stacked_loop(ctx: _Context, work: queue.Queue, size: int) -> None:
         free = list(range(size - 1, -1, -1))
         reading: dict[Any, tuple[int, Any]] = {}
         while True:
-            while free and not ctx.stopping.is_set() and (checkpoint := _take(work)) is not None:
+            while free and not stopped() and (checkpoint := _take(work)) is not None:
                 if buffers is None:
                     buffers = evaluator.host_stack(size)
                     stacks.append(buffers)
@@ -845,7 +851,7 @@ def _stacked_loop(ctx: _Context, work: queue.Queue, size: int) -> None:
         or the ``EvaluationError`` of a device without room for them (dealt with in the
         group's turn: one checkpoint at a time may fit)."""
         members, buffers = read.result()
-        if not members or ctx.stopping.is_set():
+        if not members or stopped():
             return members, buffers, None
         try:
             return members, buffers, evaluator.stage_stack(buffers, len(members))
@@ -900,6 +906,7 @@ def _stacked_loop(ctx: _Context, work: queue.Queue, size: int) -> None:
                     current = _Group(members, buffers, ctx.batch)
                     _start(ctx, current, staged)
             except BaseException:
+                halted.set()
                 if previous is not None:
                     settle(previous)  # what the device computed is still written
                 raise
@@ -1002,23 +1009,37 @@ def _one_by_one(ctx: _Context, members: list, buffers: Sequence[np.ndarray]) -> 
 def _data_major_loop(ctx: _Context, work: queue.Queue, group: int) -> None:
     """``group`` checkpoints at a time: each batch is produced once for all of them."""
     evaluator = ctx.evaluator
+    retry = None  # a checkpoint the device had no room for beside the others of its group
     while True:
         staged = []
-        while len(staged) < group and (checkpoint := _take(work)) is not None:
+        while len(staged) < group and (checkpoint := retry or _take(work)) is not None:
+            retry = None
             try:
                 # One checkpoint's host arrays at a time; the staged copies live on the device.
-                weights = evaluator.stage(
-                    runfmt.read_weights(checkpoint.path, evaluator.signature or None),
-                    str(checkpoint.path),
+                staged.append(
+                    (
+                        checkpoint,
+                        evaluator.stage(
+                            runfmt.read_weights(checkpoint.path, evaluator.signature or None),
+                            str(checkpoint.path),
+                        ),
+                    )
                 )
             except DataError:
                 raise
+            except EvaluationError as e:
+                if not (e.out_of_memory and staged):
+                    ctx.failed(checkpoint, e)
+                    continue
+                retry = checkpoint  # first in the next group, once these left the device
+                break
             except TruelossReplayError as e:
                 ctx.failed(checkpoint, e)
-                continue
-            staged.append((checkpoint, weights))
         if not staged:
             return
+        # The checkpoints alone: a name bound to staged weights would keep them on the device
+        # while the next group is staged.
+        checkpoints = [checkpoint for checkpoint, _ in staged]
         started = time.perf_counter()
         try:
             per_split = ctx.evaluate(
@@ -1032,11 +1053,11 @@ def _data_major_loop(ctx: _Context, work: queue.Queue, group: int) -> None:
         except DataError:
             raise
         except TruelossReplayError as e:  # the whole group shared the failing batches
-            for checkpoint, _ in staged:
+            for checkpoint in checkpoints:
                 ctx.failed(checkpoint, e)
             continue
         seconds = (time.perf_counter() - started) / len(staged)
-        for i, (checkpoint, _) in enumerate(staged):
+        for i, checkpoint in enumerate(checkpoints):
             outcome = {name: outcomes[i] for name, outcomes in per_split.items()}
             ctx.done(checkpoint, ctx.result(checkpoint, outcome, seconds))
 
