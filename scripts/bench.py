@@ -923,9 +923,9 @@ def _replay_profile(run_dir: Path, floors: dict[str, _Floor], batch_size: int, r
     compilation). Per checkpoint: reading the weights file (replay does it on a background
     thread during the previous checkpoint's evaluation), ``load`` (the weights onto the
     device), ``evaluate_splits`` of train and val (programs, read-back, float64 sums, metric
-    results), writing the result file; then the floors' passes. Then replay's own path,
-    per group of up to 8 checkpoints: reading them into the stacked host buffers, staging
-    them on the device, and one ``evaluate_stacked`` of both splits.
+    results), writing the result file; then the floors' passes. Then replay's own path, per
+    group of up to STACK_MAX checkpoints: reading them into the stacked host buffers,
+    staging them on the device, and one ``evaluate_stacked`` of both splits.
     """
     from trueloss_replay import engine
     from trueloss_replay import run as runfmt
@@ -965,7 +965,7 @@ def _replay_profile(run_dir: Path, floors: dict[str, _Floor], batch_size: int, r
             for name, floor in floors.items():
                 with timed("per_checkpoint", name):
                     floor.run()
-        # Replay's own path: up to 8 checkpoints per program call (stack_size), per group.
+        # Replay's own path: up to STACK_MAX checkpoints per program call (stack_size).
         size = evaluator.stack_size(splits, len(checkpoints))
         group = checkpoints[:size]
         with timed("stacked", f"read {size} checkpoints into the stacked buffers"):
@@ -1076,13 +1076,13 @@ def replay_command(k, reps, workload, examples, batch_size, skip, stack_max, pro
     An untimed replay of one checkpoint runs first, so that the process's one-time costs
     (JAX compiles each eager op once per process) fall on no variant. "incl. setup" is wall
     time / K (model load, data load, tracing and XLA compilation included); "steady" is the
-    median seconds per checkpoint of replay 2K's groups of checkpoints (up to 8 share a
-    program call) other than the first and the last: reading, evaluating and writing
-    included, compilation not (K >= 9 gives three groups; with fewer, (wall of replay 2K -
-    wall of replay K) / K, which is noisy). The floors' passes are K per repetition,
-    compiled beforehand. Then one
-    untimed replay of K and of 1 checkpoint under tracemalloc (host peak bytes, checkpoints'
-    weights in host memory at once), and with --profile where a checkpoint's time goes.
+    median seconds per checkpoint of replay 2K's groups of checkpoints (up to
+    --stack-max, default 8, share a program call) other than the first and the last:
+    reading, evaluating and writing included, compilation not (K >= 9 gives three groups;
+    with fewer, (wall of replay 2K - wall of replay K) / K, which is noisy). The floors'
+    passes are K per repetition, compiled beforehand. Then one untimed replay of K and of 1
+    checkpoint under tracemalloc (host peak bytes, checkpoints' weights in host memory at
+    once), and with --profile where a checkpoint's time goes.
 
     \b
     Example:

@@ -144,3 +144,4 @@ def test_bench_subcommand_runs_and_writes_json(backend, args, tmp_path):
         assert payload["config"]["stack_max"] == limit
         k = int(args[args.index("--k") + 1])
         assert payload["config"]["stacked_group"] == -(-2 * k // -(-2 * k // limit))
+        assert max(payload["raw"]["replay 2K"][0]["stacked"]) == payload["config"]["stacked_group"]
