@@ -1241,12 +1241,8 @@ def _replay_summary(raw: dict[str, list[Any]], k: int, compile_s: dict[str, floa
     for row in rows.values():
         row["steady"] = median(row["steady_per_rep"])
         row["incl_setup"] = median(row["incl_setup_per_rep"])
-        row["steady_over_floor"] = median(
-            [a / b for a, b in zip(row["steady_per_rep"], floor, strict=True)]
-        )
-        row["incl_setup_over_floor"] = median(
-            [a / b for a, b in zip(row["incl_setup_per_rep"], floor, strict=True)]
-        )
+        row["steady_over_floor"] = _median_ratio(row["steady_per_rep"], floor)
+        row["incl_setup_over_floor"] = _median_ratio(row["incl_setup_per_rep"], floor)
     summary: dict[str, Any] = {
         "per_checkpoint": rows,
         "replay_steady_over_floor": rows["replay"]["steady_over_floor"],
@@ -1254,26 +1250,12 @@ def _replay_summary(raw: dict[str, list[Any]], k: int, compile_s: dict[str, floa
         "traces_per_device": replay_k[-1]["traces"],
     }
     if "naive" in rows:
-        summary["naive_over_replay_incl_setup"] = median(
-            [
-                a / b
-                for a, b in zip(
-                    rows["naive"]["incl_setup_per_rep"],
-                    rows["replay"]["incl_setup_per_rep"],
-                    strict=True,
-                )
-            ]
+        summary["naive_over_replay_incl_setup"] = _median_ratio(
+            rows["naive"]["incl_setup_per_rep"], rows["replay"]["incl_setup_per_rep"]
         )
     if "stacked programs" in rows:
-        summary["replay_steady_over_stacked_programs"] = median(
-            [
-                a / b
-                for a, b in zip(
-                    rows["replay"]["steady_per_rep"],
-                    rows["stacked programs"]["steady_per_rep"],
-                    strict=True,
-                )
-            ]
+        summary["replay_steady_over_stacked_programs"] = _median_ratio(
+            rows["replay"]["steady_per_rep"], rows["stacked programs"]["steady_per_rep"]
         )
     if "replay 1" in raw:
         summary["replay_k_over_k_times_one"] = median(
@@ -1284,6 +1266,11 @@ def _replay_summary(raw: dict[str, list[Any]], k: int, compile_s: dict[str, floa
         )
         summary["replay_one_wall"] = median([r["wall"] for r in raw["replay 1"]])
     return summary
+
+
+def _median_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> float:
+    """The median over repetitions of each repetition's ratio."""
+    return median([a / b for a, b in zip(numerators, denominators, strict=True)])
 
 
 def _print_replay(summary, info, config, profile) -> None:
