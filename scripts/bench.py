@@ -896,14 +896,7 @@ class _StackedPrograms:
         self.batch_size = batch_size
         group = run.checkpoints()[: evaluator.stack_size(splits, checkpoints)]
         self.size = len(group)
-        buffers = evaluator.host_stack(self.size)
-        for slot, checkpoint in enumerate(group):
-            runfmt.read_weights_into(
-                checkpoint.path,
-                evaluator.file_signature(checkpoint.path),
-                evaluator.slot_views(buffers, slot),
-            )
-        self.params = evaluator.stage_stack(buffers, self.size)
+        self.params = evaluator.stage_stack(_read_group(evaluator, group), self.size)
         start = time.perf_counter()
         self.run()
         self.compile_seconds = time.perf_counter() - start
@@ -913,6 +906,22 @@ class _StackedPrograms:
         start = time.perf_counter()
         self.evaluator.evaluate_stacked(self.splits, self.batch_size, self.params, self.size)
         return (time.perf_counter() - start) / self.size
+
+
+def _read_group(evaluator, group: Sequence[Any]) -> list[Any]:
+    """The checkpoints of ``group`` read into a new set of the evaluator's stacked host
+    buffers, as replay reads them by default (on the calling thread)."""
+    from trueloss_replay.reading import Readers
+
+    buffers = evaluator.host_stack(len(group))
+    readers = Readers(0)
+    for slot, checkpoint in enumerate(group):
+        readers.read_into(
+            checkpoint.path,
+            evaluator.file_signature(checkpoint.path),
+            evaluator.slot_views(buffers, slot),
+        ).result()
+    return buffers
 
 
 def _replay_profile(run_dir: Path, floors: dict[str, _Floor], batch_size: int, reps: int):
@@ -931,7 +940,6 @@ def _replay_profile(run_dir: Path, floors: dict[str, _Floor], batch_size: int, r
     from trueloss_replay import run as runfmt
     from trueloss_replay.backends import resolve_devices
     from trueloss_replay.data import resolve_splits
-    from trueloss_replay.reading import Readers
 
     run = runfmt.Run(run_dir)
     checkpoints = run.checkpoints()
@@ -969,14 +977,7 @@ def _replay_profile(run_dir: Path, floors: dict[str, _Floor], batch_size: int, r
         size = evaluator.stack_size(splits, len(checkpoints))
         group = checkpoints[:size]
         with timed("stacked", f"read {size} checkpoints into the stacked buffers"):
-            buffers = evaluator.host_stack(size)
-            readers = Readers(0)  # as replay reads by default: on the calling thread
-            for slot, checkpoint in enumerate(group):
-                readers.read_into(
-                    checkpoint.path,
-                    evaluator.file_signature(checkpoint.path),
-                    evaluator.slot_views(buffers, slot),
-                ).result()
+            buffers = _read_group(evaluator, group)
         with timed("stacked", f"stage_stack: {size} checkpoints' weights onto the device"):
             params = evaluator.stage_stack(buffers, len(group))
         evaluator.evaluate_stacked(splits, batch_size, params, len(group))  # compiles
@@ -1131,9 +1132,7 @@ def replay_command(k, reps, workload, examples, batch_size, skip, stack_max, pro
                 for name, floor in floors.items()
             },
             # As many groups as cover K checkpoints: about as long as the floor's K passes.
-            "stacked programs": lambda: [
-                stacked.run() for _ in range(-(-k // (stacked.size if stacked else 1)))
-            ],
+            "stacked programs": lambda: [stacked.run() for _ in range(-(-k // stacked.size))],
         }
         variants = {name: variants[name] for name in _REPLAY_VARIANTS if name not in skipped}
         # JAX compiles every eager op once per process (model loading, the evaluator's build

@@ -474,8 +474,7 @@ class Evaluator:
         """
         for buffer in buffers:
             buffer[count:] = buffer[:1]
-        what = f"the weights of {count} checkpoints" if count > 1 else "the weights"
-        return self._params_of(self._put(list(buffers), what))
+        return self._params_of(self._put(list(buffers), "the stacked weights"))
 
     def load_slot(self, buffers: Sequence[np.ndarray], slot: int) -> None:
         """Makes slot ``slot`` of ``host_stack``'s buffers the weights ``evaluate`` uses.
