@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
+from trueloss_replay import run as runfmt
 from trueloss_replay.errors import CheckpointMismatchError, RunFormatError
 from trueloss_replay.run import (
     EpochSet,
@@ -498,3 +500,193 @@ def test_anything_but_the_exact_layout_takes_the_checked_read(checkpoint, run_co
         )
         assert after.dtype == expected.dtype
         np.testing.assert_array_equal(after, expected)
+
+
+# --------------------------------------------------------------------------- reading by a layout
+
+#: A small model's variables, nested as Keras names them, with a scalar among them.
+SIGNATURE = [
+    ["outer/dense/kernel", [4, 3], "float32"],
+    ["outer/dense/bias", [3], "float32"],
+    ["outer/seed", [], "int64"],
+]
+
+
+def _values(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "outer/dense/kernel": rng.standard_normal((4, 3)).astype("float32"),
+        "outer/dense/bias": rng.standard_normal(3).astype("float32"),
+        "outer/seed": np.int64(rng.integers(1 << 40)),
+    }
+
+
+def _write_checkpoints(folder: Path, count: int) -> list[Path]:
+    """``count`` checkpoints of one model: other values, epochs, times, and logs of other
+    lengths, as training writes them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for epoch in range(count):
+        path = folder / f"e{epoch:04d}.h5"
+        logs = {"loss": 1 / (epoch + 3), **{f"metric_{i}": float(i) for i in range(epoch)}}
+        write_checkpoint(
+            path, list(_values(epoch).items()), epoch=epoch, step=7 * epoch, time=epoch, logs=logs
+        )
+        paths.append(path)
+    return paths
+
+
+def _write_old_checkpoint(path: Path, values: Mapping[str, np.ndarray], epoch: int) -> None:
+    """A checkpoint as versions before the layouts wrote it: h5py's defaults, the root
+    attributes (epoch, time, logs) in the root group's object header."""
+    with h5py.File(path, "w") as f:
+        f.attrs["format"] = "trueloss-replay/checkpoint"
+        f.attrs["version"] = 1
+        f.attrs["epoch"] = epoch
+        f.attrs["step"] = epoch
+        f.attrs["time"] = float(epoch)
+        f.attrs["logs"] = json.dumps({"loss": 1 / (epoch + 3)})
+        for index, (key, array) in enumerate(values.items()):
+            f.create_dataset(f"weights/{key}", data=array).attrs["index"] = index
+
+
+@pytest.fixture
+def counted(monkeypatch) -> dict[str, int]:
+    """How often ``_read_exact`` went through HDF5, read by a layout, and took a layout."""
+    counts = {"hdf5": 0, "layout": 0, "taken": 0}
+    for name, key in [
+        ("_read_checked_layout", "hdf5"),
+        ("_read_laid_out", "layout"),
+        ("_take_layout", "taken"),
+    ]:
+        original = getattr(runfmt, name)
+
+        def wrapper(*args, _original=original, _key=key):
+            counts[_key] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(runfmt, name, wrapper)
+    return counts
+
+
+def _h5py_read(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as f:
+        return {key: f["weights"][key][()] for key, *_ in SIGNATURE}
+
+
+def test_a_folders_checkpoints_are_read_by_the_layout_of_the_first(tmp_path, monkeypatch, counted):
+    monkeypatch.setattr(runfmt, "IOV_MAX", 2)  # several preadv calls per file
+    paths = _write_checkpoints(tmp_path / "checkpoints", 4)
+
+    for epoch, path in enumerate(paths):
+        expected = _h5py_read(path)
+        into = [np.full(shape, -1, dtype) for _, shape, dtype in SIGNATURE]
+        read = _read_exact(path, SIGNATURE, into)
+        assert read is not None and list(read) == [key for key, *_ in SIGNATURE]
+        for got, (key, *_) in zip(into, SIGNATURE, strict=True):
+            np.testing.assert_array_equal(got, expected[key])
+            np.testing.assert_array_equal(got, _values(epoch)[key])
+        alone = _read_exact(path, SIGNATURE)  # arrays of its own; the scalar as a scalar
+        assert {key: type(value) for key, value in alone.items()} == {
+            key: type(value) for key, value in expected.items()
+        }
+
+    # HDF5 checked the first file; the other reads went by its layout.
+    assert counted == {"hdf5": 1, "layout": 7, "taken": 1}
+
+
+def _renamed(path: Path) -> str:
+    values = _values(9)
+    values["outer/dense/kernal"] = values.pop("outer/dense/kernel")  # as long a name
+    write_checkpoint(path, list(values.items()), epoch=1, step=7, time=1)
+    return "kernel"
+
+
+def _transposed(path: Path) -> str:
+    values = _values(9)
+    values["outer/dense/kernel"] = values["outer/dense/kernel"].T.copy()
+    write_checkpoint(path, list(values.items()), epoch=1, step=7, time=1)
+    return "kernel"
+
+
+def _integer_bias(path: Path) -> str:
+    values = _values(9)
+    values["outer/dense/bias"] = np.arange(3, dtype="int32")  # as many bytes as float32
+    write_checkpoint(path, list(values.items()), epoch=1, step=7, time=1)
+    return "bias"
+
+
+@pytest.mark.parametrize(
+    "change", [_renamed, _transposed, _integer_bias], ids=["renamed", "transposed", "int32"]
+)
+def test_a_checkpoint_unlike_the_layout_where_hdf5_reads_is_checked_by_hdf5(
+    tmp_path, counted, change
+):
+    """Of the same size as the layout's file, so only the bytes HDF5 read tell them apart."""
+    first, second = _write_checkpoints(tmp_path / "checkpoints", 2)
+    assert _read_exact(first, SIGNATURE) is not None
+    variable = change(second)
+    assert second.stat().st_size == first.stat().st_size
+
+    assert _read_exact(second, SIGNATURE) is None
+    assert counted["layout"] == 1  # tried, and refused
+    if change is _integer_bias:  # integers fit a float variable: h5py converts them
+        bias = read_weights(second, SIGNATURE)["outer/dense/bias"]
+        np.testing.assert_array_equal(bias, np.arange(3, dtype="float32"))
+    else:
+        with pytest.raises(CheckpointMismatchError, match=variable):
+            read_weights(second, SIGNATURE)
+
+
+def test_a_checkpoint_changed_in_place_is_read_by_the_layout_as_it_is_now(tmp_path, counted):
+    """New values and a new epoch written into a file change no byte HDF5 reads to find the
+    weights; a file cut short is of another size, and HDF5 says what is wrong with it."""
+    first, second, third = _write_checkpoints(tmp_path / "checkpoints", 3)
+    assert _read_exact(first, SIGNATURE) is not None
+    with h5py.File(second, "r+") as f:
+        f["weights/outer/dense/bias"][...] = [7.0, 8.0, 9.0]
+        f.attrs["epoch"] = 99
+    with open(third, "r+b") as f:
+        f.truncate(third.stat().st_size - 4)
+
+    read = _read_exact(second, SIGNATURE)
+    assert read is not None and counted == {"hdf5": 1, "layout": 1, "taken": 1}
+    np.testing.assert_array_equal(read["outer/dense/bias"], _h5py_read(second)["outer/dense/bias"])
+    np.testing.assert_array_equal(read["outer/dense/bias"], [7.0, 8.0, 9.0])
+    assert _read_exact(third, SIGNATURE) is None
+    with pytest.raises(RunFormatError, match="e0002.h5.*damaged"):
+        read_weights(third, SIGNATURE)
+
+
+def test_a_folder_of_older_checkpoints_stops_taking_layouts(tmp_path, counted):
+    """Each older checkpoint differs from the one before where HDF5 reads (its epoch is in
+    the root's header): three layouts are taken, then every file is read through HDF5."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for epoch in range(6):
+        path = folder / f"e{epoch:04d}.h5"
+        _write_old_checkpoint(path, _values(epoch), epoch)
+        read = _read_exact(path, SIGNATURE)
+        assert read is not None
+        for key, value in _values(epoch).items():
+            np.testing.assert_array_equal(read[key], value)
+
+    assert counted == {"hdf5": 6, "layout": 3, "taken": 3}
+
+
+def test_checkpoints_keep_their_attributes_out_of_the_bytes_that_find_the_weights(tmp_path):
+    """The root attributes are stored apart from the root group's object header, and no
+    object header holds a time (h5py writes HDF5's times for groups by default): else every
+    checkpoint would differ from the layout of the one before."""
+    (path,) = _write_checkpoints(tmp_path, 1)
+    with h5py.File(path, "r") as f:
+        # The messages of the root group's object header, one bit per HDF5 message type:
+        # an "attribute info" one (0x15: the attributes are elsewhere), no attribute (0x0C).
+        present = h5py.h5o.get_info(f.id).hdr.mesg.present
+        assert present & (1 << 0x15) and not present & (1 << 0x0C)
+        times = {}
+        f.visititems(lambda name, obj: times.__setitem__(name, h5py.h5o.get_info(obj.id).ctime))
+        times["/"] = h5py.h5o.get_info(f.id).ctime
+        assert set(times) > {"/", "weights", "weights/outer", "weights/outer/dense"}
+        assert set(times.values()) == {0}
+        assert dict(f.attrs)["epoch"] == 0

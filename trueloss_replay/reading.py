@@ -1,7 +1,9 @@
 """Reading checkpoints on reader processes, beside the thread that drives the device.
 
 h5py holds Python's GIL while HDF5 opens a file and walks its metadata: most of the
-millisecond a small model's checkpoint takes to read. On a GPU that evaluates such a
+millisecond a small model's checkpoint takes to read, where its folder has no layout
+(``run._Layout``: checkpoints of earlier versions, or other writers'; those the callback writes
+are read by one, with the GIL for a small part of the time). On a GPU that evaluates such a
 checkpoint in about as long, a reader *thread* takes turns with the thread that drives the
 device, and several GPUs share one GIL. So replay can read on reader *processes*, as many
 as ``TRUELOSS_REPLAY_READERS`` says (none by default: see ``READERS_ENV``).
@@ -54,11 +56,6 @@ _HEADER = struct.Struct("!Q")
 _READY = b"trueloss-replay reader ready\n"
 _F_SETPIPE_SZ = 1031  # Linux: a pipe of 1 MiB, so a checkpoint's bytes flow in few reads
 _PIPE_BYTES = 1 << 20
-#: Buffers one readv/writev takes at most (POSIX guarantees 16; Linux allows 1024).
-try:
-    _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))
-except (AttributeError, ValueError, OSError):
-    _IOV_MAX = 16
 #: Seconds a reader may take to start (import h5py and numpy) before it is given up.
 _START_SECONDS = 120
 
@@ -332,7 +329,7 @@ def _read_fully(fd: int, views: list[memoryview], start: int = 0, at_least: int 
                 continue
             rest.append(view[skip:])
             skip = 0
-        n = os.readv(fd, rest[:_IOV_MAX])
+        n = os.readv(fd, rest[: runfmt.IOV_MAX])
         if n == 0:
             raise EOFError("the reader closed its pipe")
         done += n
@@ -342,7 +339,7 @@ def _read_fully(fd: int, views: list[memoryview], start: int = 0, at_least: int 
 def _write_fully(fd: int, parts: list) -> None:
     views = [memoryview(p).cast("B") for p in parts if len(memoryview(p).cast("B"))]
     while views:
-        n = os.writev(fd, views[:_IOV_MAX])
+        n = os.writev(fd, views[: runfmt.IOV_MAX])
         while n:
             if n >= views[0].nbytes:
                 n -= views[0].nbytes

@@ -16,16 +16,19 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import io
+import itertools
 import json
 import math
 import os
 import re
 import secrets
 import shutil
+import threading
 from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import h5py
 import numpy as np
@@ -354,20 +357,62 @@ def write_checkpoint(
     Raises:
         RunWriteError: the file could not be written (nothing partial is left behind).
     """
+    file_create, group_create, file_access = _checkpoint_property_lists()
     # atomic_path turns an OSError (h5py's included) into a RunWriteError naming the path.
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
+        fid = h5py.h5f.create(
+            os.fsencode(tmp), h5py.h5f.ACC_TRUNC, fcpl=file_create, fapl=file_access
+        )
+        with h5py.File(fid) as f:
+            # The weights first, then the attributes: what differs from one checkpoint to
+            # the next (the values, the length of ``logs``) comes after every byte HDF5
+            # reads to find the weights, which are then the same in every checkpoint of a
+            # model (``_Layout``).
+            groups = {(): _new_group(f, "weights", group_create)}
+            for index, (key, array) in enumerate(weights):
+                *folders, name = [part for part in key.split("/") if part]
+                parent = groups[()]
+                for depth in range(1, len(folders) + 1):
+                    if tuple(folders[:depth]) not in groups:
+                        groups[tuple(folders[:depth])] = _new_group(
+                            parent, folders[depth - 1], group_create
+                        )
+                    parent = groups[tuple(folders[:depth])]
+                # The position in model.weights: lets a rebuilt model whose layers got
+                # other auto-generated names (dense_3 for dense) load by structure.
+                parent.create_dataset(name, data=array, track_times=False).attrs["index"] = index
             f.attrs["format"] = CHECKPOINT_FORMAT
             f.attrs["version"] = FORMAT_VERSION
             f.attrs["epoch"] = int(epoch)
             f.attrs["step"] = int(step)
             f.attrs["time"] = float(time)
             f.attrs["logs"] = json.dumps(strict_json(to_jsonable(logs)), allow_nan=False)
-            group = f.create_group("weights")
-            for index, (key, array) in enumerate(weights):
-                # The position in model.weights: lets a rebuilt model whose layers got
-                # other auto-generated names (dense_3 for dense) load by structure.
-                group.create_dataset(key, data=array).attrs["index"] = index
+
+
+@functools.cache
+def _checkpoint_property_lists():
+    """How checkpoints are created: the HDF5 1.8 file format (readable by any HDF5 since
+    2008), whose object headers can keep attributes apart from themselves ("dense" storage,
+    for every attribute of the root group: ``epoch``, ``logs`` and the rest stay root
+    attributes to every reader, but their values are not in the bytes HDF5 reads on the way
+    to the weights), and no timestamps in the headers of groups (HDF5 keeps them by default;
+    h5py keeps none for datasets). Names are UTF-8, as h5py writes them."""
+    file_create = h5py.h5p.create(h5py.h5p.FILE_CREATE)
+    file_create.set_attr_phase_change(0, 0)
+    file_create.set_obj_track_times(False)
+    group_create = h5py.h5p.create(h5py.h5p.GROUP_CREATE)
+    group_create.set_obj_track_times(False)
+    link_create = h5py.h5p.create(h5py.h5p.LINK_CREATE)
+    link_create.set_char_encoding(h5py.h5t.CSET_UTF8)
+    file_access = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    file_access.set_libver_bounds(h5py.h5f.LIBVER_V18, h5py.h5f.LIBVER_V18)
+    return file_create, (group_create, link_create), file_access
+
+
+def _new_group(parent: h5py.Group, name: str, create) -> h5py.Group:
+    group_create, link_create = create
+    h5py.h5g.create(parent.id, name.encode(), lcpl=link_create, gcpl=group_create)
+    return parent[name]
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -538,10 +583,13 @@ def _read_exact(
     each variable's bytes are copied from their offset with ``os.preadv``, which lets go of
     the GIL. Matched by name, the arrays come in the signature's order (for the names a run
     recorded, the order its checkpoints were written in); by position, in the file's
-    ``index`` order. That takes about half the time of h5py's own low-level read and a
-    seventh of the high-level one's, which matters where the forward pass takes about as
-    long (a small model on a GPU). With ``into`` (arrays of the signature's shapes and
-    dtypes, in its order), the values go there.
+    ``index`` order. With ``into`` (arrays of the signature's shapes and dtypes, in its
+    order), the values go there.
+
+    Those checks go through HDF5, which holds the GIL for about a millisecond per file, as
+    long as a small model's forward pass on a GPU. So the first file of a folder that passes
+    them also gives its ``_Layout``, and the folder's next files are read by it: one
+    ``preadv`` of the whole file, then a comparison of the bytes HDF5 read to check the first.
     """
     if into is not None and len(into) != len(signature):
         raise ValueError(f"{len(into)} arrays to read {len(signature)} variables into")
@@ -554,19 +602,76 @@ def _read_exact(
         return None
     if any(dtype is None or dtype.kind not in _NUMERIC_KINDS for *_, dtype in wanted):
         return None
+    # Bytes are copied only into arrays of the stored dtype, laid out as they are stored.
+    if into is not None and not all(
+        target.shape == shape and target.dtype == dtype and target.flags.c_contiguous
+        for target, (_, shape, dtype) in zip(into, wanted, strict=True)
+    ):
+        return None
+    folder = _folder_layout(path, wanted)
+    layout = folder.layout
+    if layout is not None:
+        arrays = _read_laid_out(path, layout, wanted, into)
+        if arrays is not None:
+            folder.hits += 1
+            return arrays
+        if not folder.hits and folder.takes >= _LAYOUT_TAKES:
+            folder.layout = None  # none of the folder's files has matched the one before
+    arrays = _read_checked_layout(path, wanted, into)
+    if arrays is not None and not folder.hits and folder.takes < _LAYOUT_TAKES:
+        folder.takes += 1
+        folder.layout = _take_layout(path, wanted)
+    return arrays
+
+
+def _read_checked_layout(path: Path, wanted, into) -> dict[str, np.ndarray] | None:
+    """``_read_exact`` through HDF5: its checks, then each variable's bytes with ``preadv``."""
     try:
         fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY)
     except Exception:  # noqa: BLE001 - whatever h5py raises, the checked path says it well
         return None
     try:
-        return _read_exact_open(fid, wanted, into)
+        handle = fid.get_vfd_handle()
+        plan = _plan(fid, wanted, os.fstat(handle).st_size)
+        if plan is None:
+            return None
+        arrays = {}
+        for (key, offset, nbytes), (_, shape, dtype), target in zip(
+            plan.variables, wanted, into or [None] * len(wanted), strict=True
+        ):
+            array = np.empty(shape, dtype) if target is None else target
+            # ``preadv`` lets go of the GIL while it copies (h5py's read does not).
+            if nbytes and os.preadv(handle, [memoryview(array).cast("B")], offset) != nbytes:
+                return None
+            arrays[key] = array
+        return plan.arrange(arrays, into is None)
     except Exception:  # noqa: BLE001 - falling back is always safe
         return None
     finally:
         fid.close()
 
 
-def _read_exact_open(fid, wanted, into) -> dict[str, np.ndarray] | None:
+@dataclass(frozen=True)
+class _Plan:
+    """Where a checkpoint's variables are, as ``_plan`` checked them: ``variables`` holds
+    ``(key, offset, nbytes)`` in the signature's order, the key the file's; ``file_keys``
+    the order ``_read_exact`` returns them in."""
+
+    variables: tuple[tuple[str, int, int], ...]
+    file_keys: tuple[str, ...]
+
+    def arrange(self, arrays: Mapping[str, np.ndarray], scalars: bool) -> dict[str, np.ndarray]:
+        """``arrays`` in ``file_keys`` order; with ``scalars``, a scalar variable as a numpy
+        scalar, as the checked path's ``obj[()]`` reads it."""
+        return {
+            key: arrays[key][()] if scalars and arrays[key].ndim == 0 else arrays[key]
+            for key in self.file_keys
+        }
+
+
+def _plan(fid, wanted, size: int) -> _Plan | None:
+    """Where each variable ``wanted`` is in the open file ``fid`` of ``size`` bytes, when it is
+    laid out exactly as ``_read_exact`` says; else None. Reads no value."""
     # The layout the callback writes has no user block (HDF5's offsets would count it).
     if fid.get_create_plist().get_userblock() != 0:
         return None
@@ -602,12 +707,8 @@ def _read_exact_open(fid, wanted, into) -> dict[str, np.ndarray] | None:
         # By name: in the signature's order, which for the names a run recorded is the
         # order its checkpoints were written in.
         by_key = {key: by_key[key] for key in keys}
-    file_keys = list(by_key)
-    handle = fid.get_vfd_handle()
-    size = os.fstat(handle).st_size
-    # Every dataset is checked before any value is read.
-    plan = []
-    for i, (key, (_, shape, dtype)) in enumerate(zip(keys, wanted, strict=True)):
+    variables = []
+    for key, (_, shape, dtype) in zip(keys, wanted, strict=True):
         dataset = by_key[key]
         # The stored type exactly numpy's: h5py shows, say, a float with a 7-bit exponent as
         # float32, whose bytes HDF5 would convert and a copy would not.
@@ -622,21 +723,192 @@ def _read_exact_open(fid, wanted, into) -> dict[str, np.ndarray] | None:
         nbytes = math.prod(shape) * dtype.itemsize
         if offset is None or dataset.get_storage_size() < nbytes or offset + nbytes > size:
             return None
-        target = None if into is None else into[i]
-        if target is not None and (
-            target.shape != shape or target.dtype != dtype or not target.flags.c_contiguous
-        ):
+        variables.append((key, offset, nbytes))
+    return _Plan(tuple(variables), tuple(by_key))
+
+
+#: Buffers one ``preadv`` takes at most (POSIX guarantees 16; Linux allows 1024).
+try:
+    IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))
+except (AttributeError, ValueError, OSError):
+    IOV_MAX = 16
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """A checkpoint as HDF5 found it, for reading the files laid out like it without HDF5.
+
+    HDF5 is deterministic: given the same bytes, it reads the same places and finds the
+    same things. So a file of the same size whose bytes are the same at every place HDF5
+    read while ``_plan`` checked this one (``checked``: the superblock, the object headers
+    and the links on the way to each variable, and what they declare) holds its variables
+    at the same offsets, of the same shapes and types: its values are the bytes there.
+    Places inside the variables' own bytes are not compared (HDF5 reads a little ahead of an
+    object header, into the data after it; HDF5 never puts its metadata inside a variable's
+    bytes, so those bytes are values only). What HDF5 did not read, the root attributes
+    among it (``write_checkpoint`` stores them apart from the root's header), may differ.
+    Where checkpoints keep their attributes in the root's header (as this project wrote them
+    before it wrote layouts, and h5py does by default), each differs from the one before
+    where HDF5 reads: ``_read_exact`` then stops trying (``_LAYOUT_TAKES``).
+
+    ``segments`` cover the file in order: ``(None, start, end)`` a part of the scratch buffer
+    that takes what is not a variable, ``(i, 0, nbytes)`` variable ``i`` of ``plan``.
+    ``checked`` are parts of that scratch buffer, ``expected`` their bytes in this file.
+    """
+
+    size: int
+    plan: _Plan
+    segments: tuple[tuple[int | None, int, int], ...]
+    scratch: int
+    checked: tuple[tuple[int, int], ...]
+    expected: bytes
+
+    @classmethod
+    def of(cls, plan: _Plan, size: int, reads: Iterable[tuple[int, bytes]]) -> _Layout | None:
+        """The layout of a file of ``size`` bytes that ``plan`` describes, from the
+        ``(offset, bytes)`` HDF5 read to make it; None where it cannot be one."""
+        data = sorted(
+            (offset, offset + nbytes, i)
+            for i, (_, offset, nbytes) in enumerate(plan.variables)
+            if nbytes
+        )
+        if any(b[0] < a[1] for a, b in itertools.pairwise(data)):
+            return None  # two variables share bytes: one read cannot fill both
+        segments: list[tuple[int | None, int, int]] = []
+        cursor = scratch = 0
+        for start, end, i in [*data, (size, size, None)]:
+            if start > cursor:
+                segments.append((None, scratch, scratch + start - cursor))
+                scratch += start - cursor
+            if i is not None:
+                segments.append((i, 0, end - start))
+            cursor = end
+        # What HDF5 read, as disjoint pieces (the same bytes where two reads overlap).
+        pieces: list[tuple[int, bytearray]] = []
+        for offset, chunk in sorted(reads):
+            if any(start <= offset < end for start, end, _ in data):
+                return None  # metadata that starts inside a variable: not a layout we know
+            if pieces and offset <= pieces[-1][0] + len(pieces[-1][1]):
+                start, piece = pieces[-1]
+                shared = min(len(chunk), start + len(piece) - offset)
+                if piece[offset - start : offset - start + shared] != chunk[:shared]:
+                    return None  # the file changed while HDF5 read it
+                piece += chunk[shared:]
+            elif chunk:
+                pieces.append((offset, bytearray(chunk)))
+        # Those pieces, less the variables' bytes, as parts of the scratch buffer.
+        checked, expected = [], bytearray()
+        for offset, piece in pieces:
+            end = min(offset + len(piece), size)
+            position = offset
+            for start, stop, _ in [*data, (end, end, None)]:
+                upto = min(start, end)  # [position, upto) holds no variable's byte
+                if position < upto:
+                    before = sum(e - s for s, e, _ in data if e <= position)
+                    checked.append((position - before, upto - before))
+                    expected += piece[position - offset : upto - offset]
+                position = max(position, min(stop, end))
+                if position >= end:
+                    break
+        return cls(size, plan, tuple(segments), scratch, tuple(checked), bytes(expected))
+
+
+class _RecordingFile(io.RawIOBase):
+    """A file opened for reading that keeps every ``(offset, bytes)`` read from it."""
+
+    def __init__(self, raw: BinaryIO):
+        self.raw = raw
+        self.reads: list[tuple[int, bytes]] = []
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def readinto(self, buffer) -> int:
+        offset = self.raw.tell()
+        count = self.raw.readinto(buffer)
+        self.reads.append((offset, bytes(memoryview(buffer)[:count])))
+        return count
+
+
+def _take_layout(path: Path, wanted) -> _Layout | None:
+    """The ``_Layout`` of checkpoint ``path``: ``_plan`` run through h5py's file-object
+    driver, which shows every read HDF5 makes. None where the file is not exactly laid out."""
+    try:
+        with open(path, "rb", buffering=0) as raw:
+            size = os.fstat(raw.fileno()).st_size
+            recording = _RecordingFile(raw)
+            with h5py.File(recording, "r") as f:
+                plan = _plan(f.id, wanted, size)
+    except Exception:  # noqa: BLE001 - no layout: the folder is read through HDF5
+        return None
+    return None if plan is None else _Layout.of(plan, size, recording.reads)
+
+
+def _read_laid_out(path: Path, layout: _Layout, wanted, into) -> dict[str, np.ndarray] | None:
+    """Checkpoint ``path`` read by ``layout``: None where it is not laid out so."""
+    arrays = [
+        np.empty(shape, dtype) if into is None else into[i]
+        for i, (_, shape, dtype) in enumerate(wanted)
+    ]
+    scratch = memoryview(bytearray(layout.scratch))
+    buffers = [
+        scratch[start:end] if i is None else memoryview(arrays[i]).cast("B")
+        for i, start, end in layout.segments
+    ]
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        if os.fstat(fd).st_size != layout.size:
             return None
-        plan.append((key, offset, nbytes, shape, dtype, target))
-    arrays = {}
-    for key, offset, nbytes, shape, dtype, target in plan:
-        array = np.empty(shape, dtype) if target is None else target
-        # ``preadv`` lets go of the GIL while it copies (h5py's read does not).
-        if nbytes and os.preadv(handle, [memoryview(array).cast("B")], offset) != nbytes:
-            return None
-        # A scalar variable reads as a numpy scalar, as the checked path's ``obj[()]``.
-        arrays[key] = array[()] if array.ndim == 0 and target is None else array
-    return {key: arrays[key] for key in file_keys}
+        position = 0
+        for first in range(0, len(buffers), IOV_MAX):
+            part = buffers[first : first + IOV_MAX]
+            count = sum(b.nbytes for b in part)
+            # The whole file in one system call, which lets go of the GIL.
+            if os.preadv(fd, part, position) != count:
+                return None
+            position += count
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if b"".join(scratch[start:end] for start, end in layout.checked) != layout.expected:
+        return None
+    by_key = {key: array for (key, _, _), array in zip(layout.plan.variables, arrays, strict=True)}
+    return layout.plan.arrange(by_key, into is None)
+
+
+@dataclass
+class _FolderLayout:
+    """The ``_Layout`` a folder's checkpoints are read by, for one signature: ``takes`` files
+    it was taken from, ``hits`` files read by it."""
+
+    layout: _Layout | None = None
+    takes: int = 0
+    hits: int = 0
+
+
+#: Files a folder takes a layout from before any file matches one; then it stops trying.
+_LAYOUT_TAKES = 3
+_LAYOUTS: dict[tuple, _FolderLayout] = {}
+_LAYOUTS_LOCK = threading.Lock()
+
+
+def _folder_layout(path: Path, wanted) -> _FolderLayout:
+    key = (str(Path(path).parent), tuple((k, shape, dtype.str) for k, shape, dtype in wanted))
+    with _LAYOUTS_LOCK:
+        return _LAYOUTS.setdefault(key, _FolderLayout())
 
 
 @functools.cache
