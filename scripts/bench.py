@@ -1542,8 +1542,10 @@ def read_command(k, reps, work_ms, wait_ms, reader_counts, json_path):
 
     \b
       read alone     K reads on one thread, one after another
+      read alone, HDF5   the same, every file read through HDF5 (a folder without a layout)
       work alone     K units of the work on one thread
       thread         both at once, the reads on a second thread (replay without readers)
+      thread, HDF5   the same, every file read through HDF5
       N processes    both at once, the reads on N reader processes (replay's Readers(N))
 
     Reported: ms per checkpoint, "/ work": wall / work alone (1.00: the reads cost the busy
@@ -1562,7 +1564,8 @@ def read_command(k, reps, work_ms, wait_ms, reader_counts, json_path):
 
     info = machine_info()
     (x, y), (xv, yv) = reference_data(64, 16)
-    variants = ["read alone", "work alone", "thread"] + [f"{n} processes" for n in reader_counts]
+    variants = ["read alone", HDF5_ALONE, "work alone", "thread", HDF5_THREAD]
+    variants += [f"{n} processes" for n in reader_counts]
     wall: dict[str, list[float]] = {v: [] for v in variants}
     cpu: dict[str, list[float]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="bench-read-") as tmp:
@@ -1603,6 +1606,8 @@ def read_command(k, reps, work_ms, wait_ms, reader_counts, json_path):
 
             runs = {"read alone": lambda: reads(on_thread), "work alone": work}
             runs["thread"] = lambda: both(on_thread)
+            runs[HDF5_ALONE] = lambda: _through_hdf5(reads, on_thread)
+            runs[HDF5_THREAD] = lambda: _through_hdf5(both, on_thread)
             for n, readers in pools.items():
                 runs[f"{n} processes"] = lambda readers=readers: both(readers)
             for rep in range(reps):
@@ -1628,7 +1633,7 @@ def read_command(k, reps, work_ms, wait_ms, reader_counts, json_path):
     click.echo("")
     rows = []
     for name in variants:
-        busy = name not in ("read alone", "work alone")
+        busy = name not in ("read alone", HDF5_ALONE, "work alone")
         reads_cpu = cpu_summary[name] - (work_cpu if busy else 0)
         rows.append(
             [
@@ -1660,6 +1665,29 @@ def read_command(k, reps, work_ms, wait_ms, reader_counts, json_path):
             "median_cpu": cpu_summary,
         },
     )
+
+
+#: The read bench's variants that read every checkpoint through HDF5, as replay reads the
+#: checkpoints of a folder that has no layout (``run._Layout``: those trueloss-replay wrote
+#: before it wrote them so, or other writers').
+HDF5_ALONE = "read alone, HDF5"
+HDF5_THREAD = "thread, HDF5"
+
+
+def _through_hdf5(function, *args) -> None:
+    """``function(*args)`` with every checkpoint read through HDF5, no layout; the layouts
+    taken before are kept for the other variants."""
+    from trueloss_replay import run as runfmt
+
+    saved, takes = dict(runfmt._LAYOUTS), runfmt._LAYOUT_TAKES
+    runfmt._LAYOUTS.clear()
+    runfmt._LAYOUT_TAKES = 0
+    try:
+        function(*args)
+    finally:
+        runfmt._LAYOUTS.clear()
+        runfmt._LAYOUTS.update(saved)
+        runfmt._LAYOUT_TAKES = takes
 
 
 @cli.command("sample")

@@ -75,7 +75,9 @@ FIGURES = {
     "datamajor": [("median", "checkpoint-major"), ("median", "data-major")],
     "read": [
         ("median", "read alone"),
+        ("median", "read alone, HDF5"),
         ("median", "work alone"),
+        ("median", "thread, HDF5"),
         ("median", "thread"),
         ("median", "1 processes"),
         ("median_cpu", "1 processes"),
