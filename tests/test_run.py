@@ -575,7 +575,9 @@ def _h5py_read(path: Path) -> dict[str, np.ndarray]:
 
 
 def test_a_folders_checkpoints_are_read_by_the_layout_of_the_first(tmp_path, monkeypatch, counted):
-    monkeypatch.setattr(runfmt, "IOV_MAX", 2)  # several preadv calls per file
+    # Several preadv calls per file, the kernel read in pieces of 8 bytes.
+    monkeypatch.setattr(runfmt, "IOV_MAX", 2)
+    monkeypatch.setattr(runfmt, "_READ_BYTES", 8)
     paths = _write_checkpoints(tmp_path / "checkpoints", 4)
 
     for epoch, path in enumerate(paths):
@@ -658,20 +660,70 @@ def test_a_checkpoint_changed_in_place_is_read_by_the_layout_as_it_is_now(tmp_pa
         read_weights(third, SIGNATURE)
 
 
-def test_a_folder_of_older_checkpoints_stops_taking_layouts(tmp_path, counted):
+def _read_and_check(path: Path, epoch: int) -> None:
+    read = _read_exact(path, SIGNATURE)
+    assert read is not None
+    for key, value in _values(epoch).items():
+        np.testing.assert_array_equal(read[key], value)
+
+
+def test_a_folder_of_older_checkpoints_takes_layouts_ever_more_rarely(tmp_path, counted):
     """Each older checkpoint differs from the one before where HDF5 reads (its epoch is in
-    the root's header): three layouts are taken, then every file is read through HDF5."""
+    the root's header): a layout is taken from files 1, 2, 4, 8 and 16, tried on the file
+    after each, and every file is read through HDF5."""
     folder = tmp_path / "checkpoints"
     folder.mkdir()
-    for epoch in range(6):
+    for epoch in range(20):
         path = folder / f"e{epoch:04d}.h5"
         _write_old_checkpoint(path, _values(epoch), epoch)
-        read = _read_exact(path, SIGNATURE)
-        assert read is not None
-        for key, value in _values(epoch).items():
-            np.testing.assert_array_equal(read[key], value)
+        _read_and_check(path, epoch)
 
-    assert counted == {"hdf5": 6, "layout": 3, "taken": 3}
+    assert counted == {"hdf5": 20, "layout": 5, "taken": 5}
+
+
+def test_a_folder_whose_checkpoints_change_layout_takes_the_new_one(tmp_path, counted):
+    """A run resumed by a newer version: six older checkpoints, then six laid out. Layouts
+    are taken from files 1, 2, 4 and 8, and the last four are read by the one of file 8."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for epoch in range(12):
+        path = folder / f"e{epoch:04d}.h5"
+        if epoch < 6:
+            _write_old_checkpoint(path, _values(epoch), epoch)
+        else:
+            write_checkpoint(path, list(_values(epoch).items()), epoch=epoch, step=epoch, time=0)
+        _read_and_check(path, epoch)
+
+    assert counted == {"hdf5": 8, "layout": 7, "taken": 4}
+
+
+def test_no_layout_is_taken_from_a_file_whose_variable_lies_over_hdf5s_metadata(tmp_path, counted):
+    """A crafted checkpoint whose scalar variable is "stored" inside the superblock: HDF5 reads
+    it, but the bytes it uses there are the variable's, which a layout does not compare. So
+    that file gives no layout, and a copy of it that HDF5 cannot open is not read by one."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    first, second = folder / "e0000.h5", folder / "e0001.h5"
+    _write_old_checkpoint(first, _values(0), 0)
+    with h5py.File(first, "r") as f:
+        offset = f["weights/outer/seed"].id.get_offset()
+    image = bytearray(first.read_bytes())
+    # The seed's layout message: its address, then its size (8 bytes each, v1 headers).
+    at = image.find(offset.to_bytes(8, "little") + (8).to_bytes(8, "little"))
+    assert at > 0
+    image[at : at + 8] = (8).to_bytes(8, "little")  # now bytes 8 to 16 of the superblock
+    first.write_bytes(bytes(image))
+    read = _read_exact(first, SIGNATURE)
+    assert read is not None and read["outer/seed"] == int.from_bytes(image[8:16], "little")
+    image[13] = 4  # the superblock's size of offsets, 8 -> 4: HDF5 refuses the file
+    second.write_bytes(bytes(image))
+
+    assert counted["taken"] == 1  # taken, and refused
+    (state,) = [state for key, state in runfmt._LAYOUTS.items() if key[0] == str(folder)]
+    assert state.layout is None
+    assert _read_exact(second, SIGNATURE) is None
+    with pytest.raises(RunFormatError, match="e0001.h5"):
+        read_weights(second, SIGNATURE)
 
 
 def test_checkpoints_keep_their_attributes_out_of_the_bytes_that_find_the_weights(tmp_path):

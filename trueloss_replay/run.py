@@ -13,6 +13,7 @@ half-written one, even after ``kill -9``. Readers only list final names.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import difflib
 import functools
@@ -589,7 +590,8 @@ def _read_exact(
     Those checks go through HDF5, which holds the GIL for about a millisecond per file, as
     long as a small model's forward pass on a GPU. So the first file of a folder that passes
     them also gives its ``_Layout``, and the folder's next files are read by it: one
-    ``preadv`` of the whole file, then a comparison of the bytes HDF5 read to check the first.
+    ``preadv`` of the whole file, then a comparison of the bytes HDF5 read to check the first
+    (``_FolderLayout`` says when a folder takes another).
     """
     if into is not None and len(into) != len(signature):
         raise ValueError(f"{len(into)} arrays to read {len(signature)} variables into")
@@ -608,20 +610,7 @@ def _read_exact(
         for target, (_, shape, dtype) in zip(into, wanted, strict=True)
     ):
         return None
-    folder = _folder_layout(path, wanted)
-    layout = folder.layout
-    if layout is not None:
-        arrays = _read_laid_out(path, layout, wanted, into)
-        if arrays is not None:
-            folder.hits += 1
-            return arrays
-        if not folder.hits and folder.takes >= _LAYOUT_TAKES:
-            folder.layout = None  # none of the folder's files has matched the one before
-    arrays = _read_checked_layout(path, wanted, into)
-    if arrays is not None and not folder.hits and folder.takes < _LAYOUT_TAKES:
-        folder.takes += 1
-        folder.layout = _take_layout(path, wanted)
-    return arrays
+    return _folder_layout(path, wanted).read(path, wanted, into)
 
 
 def _read_checked_layout(path: Path, wanted, into) -> dict[str, np.ndarray] | None:
@@ -743,16 +732,19 @@ class _Layout:
     read while ``_plan`` checked this one (``checked``: the superblock, the object headers
     and the links on the way to each variable, and what they declare) holds its variables
     at the same offsets, of the same shapes and types: its values are the bytes there.
-    Places inside the variables' own bytes are not compared (HDF5 reads a little ahead of an
-    object header, into the data after it; HDF5 never puts its metadata inside a variable's
-    bytes, so those bytes are values only). What HDF5 did not read, the root attributes
-    among it (``write_checkpoint`` stores them apart from the root's header), may differ.
-    Where checkpoints keep their attributes in the root's header (as this project wrote them
-    before it wrote layouts, and h5py does by default), each differs from the one before
-    where HDF5 reads: ``_read_exact`` then stops trying (``_LAYOUT_TAKES``).
+    The variables' own bytes are not compared. HDF5 reads a little ahead of an object header
+    (512 bytes), into the data after it, and uses only the header: a read that reaches into a
+    variable must start at an object header of one chunk that ends before the variable
+    (``headers``, from HDF5), else there is no layout; so every byte HDF5 uses is compared.
+    What HDF5 did not read, the root attributes among it (``write_checkpoint`` stores them
+    apart from the root's header), may differ. Where checkpoints keep their attributes in the
+    root's header (as this project wrote them before it wrote layouts, and h5py does by
+    default), each differs from the one before where HDF5 reads (``_FolderLayout`` then
+    takes layouts ever more rarely).
 
-    ``segments`` cover the file in order: ``(None, start, end)`` a part of the scratch buffer
-    that takes what is not a variable, ``(i, 0, nbytes)`` variable ``i`` of ``plan``.
+    ``segments`` cover the file in order, none longer than ``_READ_BYTES``: ``(None, start,
+    end)`` a part of the scratch buffer that takes what is not a variable, ``(i, start, end)``
+    bytes ``start:end`` of variable ``i`` of ``plan``.
     ``checked`` are parts of that scratch buffer, ``expected`` their bytes in this file.
     """
 
@@ -764,53 +756,86 @@ class _Layout:
     expected: bytes
 
     @classmethod
-    def of(cls, plan: _Plan, size: int, reads: Iterable[tuple[int, bytes]]) -> _Layout | None:
+    def of(
+        cls,
+        plan: _Plan,
+        size: int,
+        reads: Iterable[tuple[int, bytes]],
+        headers: Mapping[int, int],
+    ) -> _Layout | None:
         """The layout of a file of ``size`` bytes that ``plan`` describes, from the
-        ``(offset, bytes)`` HDF5 read to make it; None where it cannot be one."""
+        ``(offset, bytes)`` HDF5 read to make it and the ``{address: size}`` of the object
+        headers of one chunk it read; None where it cannot be one."""
         data = sorted(
             (offset, offset + nbytes, i)
             for i, (_, offset, nbytes) in enumerate(plan.variables)
             if nbytes
         )
+        starts = [start for start, _, _ in data]
         if any(b[0] < a[1] for a, b in itertools.pairwise(data)):
             return None  # two variables share bytes: one read cannot fill both
+        # Bytes of variables before each one, and in all.
+        before = [0, *itertools.accumulate(end - start for start, end, _ in data)]
         segments: list[tuple[int | None, int, int]] = []
-        cursor = scratch = 0
+        cursor = 0
         for start, end, i in [*data, (size, size, None)]:
             if start > cursor:
-                segments.append((None, scratch, scratch + start - cursor))
-                scratch += start - cursor
+                scratch = cursor - before[bisect.bisect_right(starts, cursor)]
+                segments.extend(
+                    (None, piece, min(piece + _READ_BYTES, scratch + start - cursor))
+                    for piece in range(scratch, scratch + start - cursor, _READ_BYTES)
+                )
             if i is not None:
-                segments.append((i, 0, end - start))
+                segments.extend(
+                    (i, piece, min(piece + _READ_BYTES, end - start))
+                    for piece in range(0, end - start, _READ_BYTES)
+                )
             cursor = end
         # What HDF5 read, as disjoint pieces (the same bytes where two reads overlap).
         pieces: list[tuple[int, bytearray]] = []
         for offset, chunk in sorted(reads):
-            if any(start <= offset < end for start, end, _ in data):
-                return None  # metadata that starts inside a variable: not a layout we know
+            if not chunk:
+                continue
+            # The variable at or after ``offset``: a read reaching into it starts at an
+            # object header that ends before it.
+            after = bisect.bisect_right(starts, offset)
+            if after and offset < data[after - 1][1]:
+                return None  # a read that starts inside a variable
+            if after < len(data) and offset + len(chunk) > starts[after]:
+                if offset + headers.get(offset, size) > starts[after]:
+                    return None
             if pieces and offset <= pieces[-1][0] + len(pieces[-1][1]):
                 start, piece = pieces[-1]
                 shared = min(len(chunk), start + len(piece) - offset)
                 if piece[offset - start : offset - start + shared] != chunk[:shared]:
                     return None  # the file changed while HDF5 read it
                 piece += chunk[shared:]
-            elif chunk:
+            else:
                 pieces.append((offset, bytearray(chunk)))
         # Those pieces, less the variables' bytes, as parts of the scratch buffer.
         checked, expected = [], bytearray()
         for offset, piece in pieces:
             end = min(offset + len(piece), size)
             position = offset
-            for start, stop, _ in [*data, (end, end, None)]:
-                upto = min(start, end)  # [position, upto) holds no variable's byte
-                if position < upto:
-                    before = sum(e - s for s, e, _ in data if e <= position)
-                    checked.append((position - before, upto - before))
+            index = bisect.bisect_right(starts, position)
+            while position < end:
+                upto = min(starts[index], end) if index < len(data) else end
+                if position < upto:  # [position, upto) holds no variable's byte
+                    scratch = position - before[index]
+                    checked.append((scratch, scratch + upto - position))
                     expected += piece[position - offset : upto - offset]
-                position = max(position, min(stop, end))
-                if position >= end:
-                    break
-        return cls(size, plan, tuple(segments), scratch, tuple(checked), bytes(expected))
+                if index < len(data):
+                    position = max(upto, data[index][1])
+                    index += 1
+                else:
+                    position = end
+        return cls(
+            size, plan, tuple(segments), cursor - before[-1], tuple(checked), bytes(expected)
+        )
+
+
+#: Bytes one ``preadv`` is asked for at most (Linux copies at most 2 GiB less 4 KiB per call).
+_READ_BYTES = 1 << 30
 
 
 class _RecordingFile(io.RawIOBase):
@@ -848,41 +873,60 @@ def _take_layout(path: Path, wanted) -> _Layout | None:
             recording = _RecordingFile(raw)
             with h5py.File(recording, "r") as f:
                 plan = _plan(f.id, wanted, size)
+                if plan is None:
+                    return None
+                # Where the object headers on the way to the variables are, and how long
+                # (``visit`` passes one info object, changed from call to call).
+                found = []
+
+                def header(_, info) -> None:
+                    if info.hdr.nchunks == 1:
+                        found.append((info.addr, info.hdr.space.total))
+
+                header(None, h5py.h5o.get_info(f.id))
+                header(None, h5py.h5o.get_info(f["weights"].id))
+                h5py.h5o.visit(f["weights"].id, header, info=True)
     except Exception:  # noqa: BLE001 - no layout: the folder is read through HDF5
         return None
-    return None if plan is None else _Layout.of(plan, size, recording.reads)
+    return _Layout.of(plan, size, recording.reads, dict(found))
 
 
 def _read_laid_out(path: Path, layout: _Layout, wanted, into) -> dict[str, np.ndarray] | None:
-    """Checkpoint ``path`` read by ``layout``: None where it is not laid out so."""
-    arrays = [
-        np.empty(shape, dtype) if into is None else into[i]
-        for i, (_, shape, dtype) in enumerate(wanted)
-    ]
-    scratch = memoryview(bytearray(layout.scratch))
-    buffers = [
-        scratch[start:end] if i is None else memoryview(arrays[i]).cast("B")
-        for i, start, end in layout.segments
-    ]
+    """Checkpoint ``path`` read by ``layout``: None where it is not laid out so (or cannot be
+    read so: the HDF5 path then says why)."""
     try:
+        arrays = [
+            np.empty(shape, dtype) if into is None else into[i]
+            for i, (_, shape, dtype) in enumerate(wanted)
+        ]
+        scratch = memoryview(bytearray(layout.scratch))
+        views = [memoryview(array).cast("B") for array in arrays]
+        buffers = [
+            scratch[start:end] if i is None else views[i][start:end]
+            for i, start, end in layout.segments
+        ]
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return None
-    try:
-        if os.fstat(fd).st_size != layout.size:
-            return None
-        position = 0
-        for first in range(0, len(buffers), IOV_MAX):
-            part = buffers[first : first + IOV_MAX]
-            count = sum(b.nbytes for b in part)
-            # The whole file in one system call, which lets go of the GIL.
-            if os.preadv(fd, part, position) != count:
+        try:
+            if os.fstat(fd).st_size != layout.size:
                 return None
-            position += count
-    except OSError:
+            position = first = 0
+            while first < len(buffers):  # the whole file, in as few calls as may be
+                last, count = first, 0
+                while last < len(buffers) and (
+                    last == first
+                    or (last - first < IOV_MAX and count + buffers[last].nbytes <= _READ_BYTES)
+                ):
+                    count += buffers[last].nbytes
+                    last += 1
+                # ``preadv`` lets go of the GIL while it copies.
+                if os.preadv(fd, buffers[first:last], position) != count:
+                    return None
+                position += count
+                first = last
+        finally:
+            os.close(fd)
+    except Exception:  # noqa: BLE001 - falling back is always safe
         return None
-    finally:
-        os.close(fd)
     if b"".join(scratch[start:end] for start, end in layout.checked) != layout.expected:
         return None
     by_key = {key: array for (key, _, _), array in zip(layout.plan.variables, arrays, strict=True)}
@@ -891,16 +935,37 @@ def _read_laid_out(path: Path, layout: _Layout, wanted, into) -> dict[str, np.nd
 
 @dataclass
 class _FolderLayout:
-    """The ``_Layout`` a folder's checkpoints are read by, for one signature: ``takes`` files
-    it was taken from, ``hits`` files read by it."""
+    """The ``_Layout`` a folder's checkpoints are read by, for one signature, and when to
+    take another: after ``wait`` more files read through HDF5. A layout that matched no file
+    before it was dropped doubles the wait for the next (checkpoints whose every file
+    differs where HDF5 reads: a take per 2, 4, ... up to ``_LAYOUT_WAIT`` files); one that
+    matched makes the next come at once (the run's writer changed, say)."""
 
     layout: _Layout | None = None
-    takes: int = 0
-    hits: int = 0
+    matched: int = 0
+    wait: int = 0
+    interval: int = 0
+
+    def read(self, path: Path, wanted, into) -> dict[str, np.ndarray] | None:
+        layout = self.layout
+        if layout is not None:
+            arrays = _read_laid_out(path, layout, wanted, into)
+            if arrays is not None:
+                self.matched += 1
+                return arrays
+            self.layout = None
+        arrays = _read_checked_layout(path, wanted, into)
+        if arrays is not None and self.layout is None:
+            self.wait -= 1
+            if self.wait <= 0:
+                self.interval = 1 if self.matched else min(2 * self.interval or 1, _LAYOUT_WAIT)
+                self.wait, self.matched = self.interval, 0
+                self.layout = _take_layout(path, wanted)
+        return arrays
 
 
-#: Files a folder takes a layout from before any file matches one; then it stops trying.
-_LAYOUT_TAKES = 3
+#: Files read through HDF5 at most between two layouts taken in a folder whose files match none.
+_LAYOUT_WAIT = 64
 _LAYOUTS: dict[tuple, _FolderLayout] = {}
 _LAYOUTS_LOCK = threading.Lock()
 
