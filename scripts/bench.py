@@ -1679,15 +1679,15 @@ def _through_hdf5(function, *args) -> None:
     taken before are kept for the other variants."""
     from trueloss_replay import run as runfmt
 
-    saved, takes = dict(runfmt._LAYOUTS), runfmt._LAYOUT_TAKES
+    saved, take = dict(runfmt._LAYOUTS), runfmt._take_layout
     runfmt._LAYOUTS.clear()
-    runfmt._LAYOUT_TAKES = 0
+    runfmt._take_layout = lambda path, wanted: None  # no file gives one
     try:
         function(*args)
     finally:
         runfmt._LAYOUTS.clear()
         runfmt._LAYOUTS.update(saved)
-        runfmt._LAYOUT_TAKES = takes
+        runfmt._take_layout = take
 
 
 @cli.command("sample")
