@@ -777,14 +777,14 @@ class _Layout:
         # Bytes of variables before each one, and in all.
         before = [0, *itertools.accumulate(end - start for start, end, _ in data)]
         segments: list[tuple[int | None, int, int]] = []
-        cursor = 0
+        cursor = scratch = 0  # in the file; in the scratch buffer
         for start, end, i in [*data, (size, size, None)]:
             if start > cursor:
-                scratch = cursor - before[bisect.bisect_right(starts, cursor)]
                 segments.extend(
                     (None, piece, min(piece + _READ_BYTES, scratch + start - cursor))
                     for piece in range(scratch, scratch + start - cursor, _READ_BYTES)
                 )
+                scratch += start - cursor
             if i is not None:
                 segments.extend(
                     (i, piece, min(piece + _READ_BYTES, end - start))
@@ -821,17 +821,15 @@ class _Layout:
             while position < end:
                 upto = min(starts[index], end) if index < len(data) else end
                 if position < upto:  # [position, upto) holds no variable's byte
-                    scratch = position - before[index]
-                    checked.append((scratch, scratch + upto - position))
+                    at = position - before[index]  # in the scratch buffer
+                    checked.append((at, at + upto - position))
                     expected += piece[position - offset : upto - offset]
                 if index < len(data):
                     position = max(upto, data[index][1])
                     index += 1
                 else:
                     position = end
-        return cls(
-            size, plan, tuple(segments), cursor - before[-1], tuple(checked), bytes(expected)
-        )
+        return cls(size, plan, tuple(segments), scratch, tuple(checked), bytes(expected))
 
 
 #: Bytes one ``preadv`` is asked for at most (Linux copies at most 2 GiB less 4 KiB per call).
