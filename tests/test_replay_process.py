@@ -121,7 +121,10 @@ def test_two_logical_devices_give_the_same_figures_as_one(trained_run, tmp_path)
     one = {p.name: json.loads(p.read_text()) for p in (tmp_path / "one").glob("e*.json")}
     two = {p.name: json.loads(p.read_text()) for p in (tmp_path / "two").glob("e*.json")}
     assert sorted(one) == sorted(two) and len(one) == 4
-    assert len({r["device"] for r in two.values()}) == 2
+    # Each device takes its first checkpoints before either reads ahead: 2 each, whichever
+    # worker thread happens to start first (one used to read ahead the other's share).
+    devices = [r["device"] for r in two.values()]
+    assert sorted(devices.count(d) for d in set(devices)) == [2, 2], devices
     for name in one:
         for split in ("train", "val"):
             for key, value in one[name][split].items():

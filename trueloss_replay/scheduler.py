@@ -576,6 +576,7 @@ def _evaluate_all(
     setup_errors: list[BaseException] = []
     # Every replica is built before any takes work, so the queue spreads over all devices.
     ready = threading.Barrier(len(device_names))
+    first_takes = _FirstTakes(len(device_names))
     share = -(-len(todo) // len(device_names))
 
     def done(checkpoint, result) -> None:
@@ -602,7 +603,16 @@ def _evaluate_all(
 
     def context(evaluator):
         return _Context(
-            evaluator, splits, batch, fingerprints, progress, done, failed, stopping, readers
+            evaluator,
+            splits,
+            batch,
+            fingerprints,
+            progress,
+            done,
+            failed,
+            stopping,
+            readers,
+            first_takes,
         )
 
     def worker(device: str) -> None:
@@ -634,6 +644,7 @@ def _evaluate_all(
         except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
             setup_errors.append(e)
         finally:
+            ctx.took_first()  # a worker that failed before its first take holds no one back
             replica.batch = ctx.batch
 
     threads = [threading.Thread(target=worker, args=(d,), daemon=True) for d in device_names]
@@ -665,11 +676,44 @@ class _Replica:
     batch: int
 
 
+class _FirstTakes:
+    """Every device's worker takes its first checkpoints before any worker reads ahead.
+
+    A worker reads the next checkpoint, or group, ahead while the device evaluates the one
+    before. The worker whose thread happened to start first would otherwise read ahead the
+    checkpoints another device was about to take: in a short run, all of them (4 checkpoints
+    on 2 devices all went to one).
+    """
+
+    def __init__(self, workers: int):
+        self._waiting_for = workers
+        self._taken = threading.Condition()
+
+    def took_first(self) -> None:
+        with self._taken:
+            self._waiting_for -= 1
+            self._taken.notify_all()
+
+    def wait(self) -> None:
+        with self._taken:
+            self._taken.wait_for(lambda: self._waiting_for <= 0)
+
+
 class _Context:
     """What a device's worker needs to evaluate checkpoints and report each one."""
 
     def __init__(
-        self, evaluator, splits, batch, fingerprints, progress, done, failed, stopping, readers
+        self,
+        evaluator,
+        splits,
+        batch,
+        fingerprints,
+        progress,
+        done,
+        failed,
+        stopping,
+        readers,
+        first_takes: _FirstTakes | None = None,
     ):
         self.evaluator = evaluator
         self.splits = splits
@@ -680,6 +724,24 @@ class _Context:
         self.failed = failed
         self.stopping = stopping  # a threading.Event, set on Ctrl-C
         self.readers = readers  # reading.Readers: where the stacked loop reads checkpoints
+        self._first_takes = first_takes or _FirstTakes(1)
+        self._took_first = False
+        self._others_took_first = False
+
+    def took_first(self) -> None:
+        """Called once this worker took its first checkpoints (or none were left); again
+        is harmless."""
+        if not self._took_first:
+            self._took_first = True
+            self._first_takes.took_first()
+
+    def read_ahead(self) -> None:
+        """Returns once every device's worker took its first checkpoints: call before
+        taking any beyond this worker's first."""
+        self.took_first()
+        if not self._others_took_first:
+            self._first_takes.wait()
+            self._others_took_first = True
 
     def evaluate(self, evaluate: Callable[[int], Any]) -> Any:
         """``evaluate(batch size)``; when the device runs out of memory on array data, again
@@ -749,6 +811,7 @@ def _checkpoint_major_loop(ctx: _Context, work: queue.Queue) -> None:
             checkpoint, current = upcoming, future
             # Read the next checkpoint from disk while this one evaluates: at most two
             # checkpoints' weights in host memory per device.
+            ctx.read_ahead()
             upcoming = _take(work)
             future = (
                 reader.submit(runfmt.read_weights, upcoming.path, signature) if upcoming else None
@@ -802,7 +865,10 @@ def _stacked_loop(ctx: _Context, work: queue.Queue, size: int) -> None:
         """The next group: up to ``size`` checkpoints read into the next set of buffers, in
         parallel on the reader processes; one that cannot be read is reported and another
         takes its slot."""
-        index = next(turn) % 3
+        number = next(turn)
+        if number > 0:
+            ctx.read_ahead()
+        index = number % 3
         buffers = stacks[index] if index < len(stacks) else None
         members: dict[int, Any] = {}
         free = list(range(size - 1, -1, -1))
@@ -819,6 +885,7 @@ def _stacked_loop(ctx: _Context, work: queue.Queue, size: int) -> None:
                     evaluator.slot_views(buffers, slot),
                 )
                 reading[future] = (slot, checkpoint)
+            ctx.took_first()
             if not reading:
                 break
             finished, _ = concurrent.futures.wait(
@@ -1035,6 +1102,7 @@ def _data_major_loop(ctx: _Context, work: queue.Queue, group: int) -> None:
                 break
             except TruelossReplayError as e:
                 ctx.failed(checkpoint, e)
+        ctx.took_first()
         if not staged:
             return
         # The checkpoints alone: a name bound to staged weights would keep them on the device
