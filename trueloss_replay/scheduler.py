@@ -602,18 +602,11 @@ def _evaluate_all(
     readers = Readers(reader_count() if len(todo) > 1 and not data_major else 0)
 
     def context(evaluator):
-        return _Context(
-            evaluator,
-            splits,
-            batch,
-            fingerprints,
-            progress,
-            done,
-            failed,
-            stopping,
-            readers,
-            first_takes,
+        ctx = _Context(
+            evaluator, splits, batch, fingerprints, progress, done, failed, stopping, readers
         )
+        ctx.first_takes = first_takes
+        return ctx
 
     def worker(device: str) -> None:
         replica = replicas.get(device)
@@ -703,17 +696,7 @@ class _Context:
     """What a device's worker needs to evaluate checkpoints and report each one."""
 
     def __init__(
-        self,
-        evaluator,
-        splits,
-        batch,
-        fingerprints,
-        progress,
-        done,
-        failed,
-        stopping,
-        readers,
-        first_takes: _FirstTakes | None = None,
+        self, evaluator, splits, batch, fingerprints, progress, done, failed, stopping, readers
     ):
         self.evaluator = evaluator
         self.splits = splits
@@ -724,7 +707,8 @@ class _Context:
         self.failed = failed
         self.stopping = stopping  # a threading.Event, set on Ctrl-C
         self.readers = readers  # reading.Readers: where the stacked loop reads checkpoints
-        self._first_takes = first_takes or _FirstTakes(1)
+        # Shared by the workers of the other devices; one worker alone waits for no one.
+        self.first_takes = _FirstTakes(1)
         self._took_first = False
         self._others_took_first = False
 
@@ -733,14 +717,14 @@ class _Context:
         is harmless."""
         if not self._took_first:
             self._took_first = True
-            self._first_takes.took_first()
+            self.first_takes.took_first()
 
     def read_ahead(self) -> None:
         """Returns once every device's worker took its first checkpoints: call before
         taking any beyond this worker's first."""
         self.took_first()
         if not self._others_took_first:
-            self._first_takes.wait()
+            self.first_takes.wait()
             self._others_took_first = True
 
     def evaluate(self, evaluate: Callable[[int], Any]) -> Any:
