@@ -369,19 +369,18 @@ def write_checkpoint(
             # the next (the values, the length of ``logs``) comes after every byte HDF5
             # reads to find the weights, which are then the same in every checkpoint of a
             # model (``_Layout``).
-            groups = {(): _new_group(f, "weights", group_create)}
+            groups = {"": _new_group(f, "weights", group_create)}  # by path under weights/
             for index, (key, array) in enumerate(weights):
                 *folders, name = [part for part in key.split("/") if part]
-                parent = groups[()]
-                for depth in range(1, len(folders) + 1):
-                    if tuple(folders[:depth]) not in groups:
-                        groups[tuple(folders[:depth])] = _new_group(
-                            parent, folders[depth - 1], group_create
-                        )
-                    parent = groups[tuple(folders[:depth])]
+                path = ""
+                for folder in folders:
+                    parent, path = groups[path], f"{path}/{folder}"
+                    if path not in groups:
+                        groups[path] = _new_group(parent, folder, group_create)
                 # The position in model.weights: lets a rebuilt model whose layers got
                 # other auto-generated names (dense_3 for dense) load by structure.
-                parent.create_dataset(name, data=array, track_times=False).attrs["index"] = index
+                dataset = groups[path].create_dataset(name, data=array, track_times=False)
+                dataset.attrs["index"] = index
             f.attrs["format"] = CHECKPOINT_FORMAT
             f.attrs["version"] = FORMAT_VERSION
             f.attrs["epoch"] = int(epoch)
